@@ -1,0 +1,293 @@
+"""The tempered local posterior of one component.
+
+With the weights split as w = (u, v), v the component's free entries and u frozen at
+u*, the target is
+
+    p(v) ∝ exp( −nβ · L(u*, v) − (γ/2) ‖v − v*‖² )
+
+where L is the *mean* per-item loss. The potential is U(v) = nβ·L + (γ/2)‖v − v*‖²;
+on a minibatch B, L is replaced by the minibatch mean L̂_B.
+
+Everything here is vectorized over chains: positions have shape ``(chains, dim)`` and
+the model is called through :func:`torch.func.functional_call` under
+:func:`torch.func.vmap`, so no copy of the model is made per chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch.func import functional_call, vmap
+
+from bayes_susc.components import Component, ResolvedComponent
+from bayes_susc.validation import check_nonnegative, check_positive
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+Batch = Any
+
+
+class GradientResult(NamedTuple):
+    """Potential and gradient at a batch of positions.
+
+    Attributes:
+        potential: U at each position, shape ``(chains,)``.
+        grad: ∇U, shape ``(chains, dim)``.
+        loss: mean per-item loss of the batch used (nats for log-losses), ``(chains,)``.
+    """
+
+    potential: torch.Tensor
+    grad: torch.Tensor
+    loss: torch.Tensor
+
+
+class _Bound(torch.nn.Module):
+    """Routes a call through ``fn(model, *args)`` so functional_call can swap weights."""
+
+    def __init__(self, model: torch.nn.Module, fn: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        return self.fn(self.model, *args)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def batch_size_of(batch: Batch) -> int | None:
+    """Leading size of a batch (a tensor, or a tuple/list/dict whose first tensor leads)."""
+    tensors = _tensors(batch)
+    if not tensors or tensors[0].dim() == 0:
+        return None
+    return int(tensors[0].shape[0])
+
+
+def as_batch_list(name: str, data: Any, *, allow_empty: bool = False) -> list[Batch]:
+    """Normalise a data argument to a list of batches.
+
+    A bare tensor, tuple of tensors or dict is taken as one batch; any other iterable is
+    taken as a sequence of batches.
+    """
+    if data is None:
+        raise ValueError(f"{name} must be given (a batch or a list of batches), got None")
+    if isinstance(data, (torch.Tensor, Mapping)) or (
+        isinstance(data, tuple) and data and all(isinstance(t, torch.Tensor) for t in data)
+    ):
+        batches = [data]
+    elif isinstance(data, Iterable):
+        batches = list(data)
+    else:
+        raise TypeError(
+            f"{name} must be a batch or an iterable of batches, got {type(data).__name__}"
+        )
+    if not batches and not allow_empty:
+        raise ValueError(f"{name} is empty: it must hold at least one batch")
+    return batches
+
+
+class LocalPosterior:
+    """Tempered posterior of one component, localized at the trained weights.
+
+    Args:
+        model: the trained network; its current parameters are the anchor w*. It is put
+            in eval mode (sampling must not see dropout noise).
+        loss_fn: ``loss_fn(model, batch) -> Tensor`` of *unreduced* per-item losses
+            (shape ``(batch, ...)``; every element is an item, e.g. a token).
+        train_data: the training batches, a re-iterable (list, DataLoader) or one batch.
+            The sampler cycles through them in order; all chains share each minibatch.
+        component: a :class:`Component`, a list of parameter names, or a resolved one.
+        nbeta: nβ, multiplies the mean loss (> 0). Literature default 30.
+        gamma: γ, localization strength (>= 0). Literature default 300.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        train_data: Any,
+        component: Component | Sequence[str] | ResolvedComponent,
+        *,
+        nbeta: float = 30.0,
+        gamma: float = 300.0,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+        self.nbeta = check_positive("nbeta", nbeta)
+        self.gamma = check_nonnegative("gamma", gamma)
+        if isinstance(train_data, Iterable) and iter(train_data) is train_data:
+            raise TypeError(
+                "train_data must be re-iterable (a list or DataLoader), not a one-shot "
+                "iterator or generator: the sampler cycles through it"
+            )
+        self.train_batches = as_batch_list("train_data", train_data)
+        if isinstance(component, ResolvedComponent):
+            self.component = component
+        else:
+            if not isinstance(component, Component):
+                if isinstance(component, str) or not isinstance(component, Iterable):
+                    raise TypeError(
+                        "component must be a Component or a list of parameter names, "
+                        f"got {component!r}"
+                    )
+                component = Component.from_parameters("component", list(component))
+            self.component = component.resolve(model)
+        self.model = model.eval()
+        self.loss_fn = loss_fn
+        params = dict(model.named_parameters())
+        free = [params[p] for p in self.component.param_names]
+        dtypes = {p.dtype for p in free}
+        devices = {p.device for p in free}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise TypeError(
+                f"component {self.component.name!r} mixes dtypes {sorted(map(str, dtypes))} "
+                f"or devices {sorted(map(str, devices))}; cast the model to one dtype/device"
+            )
+        self.dtype = free[0].dtype
+        self.device = free[0].device
+        if not self.dtype.is_floating_point:
+            raise TypeError(f"free parameters must be floating point, got {self.dtype}")
+        self.anchors = {p: params[p].detach().clone() for p in self.component.param_names}
+        self.anchor_vector = self.component.gather(self.anchors)
+        self._bound_loss = _Bound(model, loss_fn)
+        self.check_batch("train_data", self.train_batches[0])
+        self._item_counts: dict[int, int] = {}  # id(batch) -> items, counted lazily
+        self._vlosses = vmap(self.item_losses, in_dims=(0, None))
+
+    # ----------------------------------------------------------------- single chain
+    @property
+    def dim(self) -> int:
+        """Number of free entries (length of v)."""
+        return self.component.dim
+
+    def params_from(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Full component parameters with free entries from ``v`` (shape ``(dim,)``)."""
+        return self.component.scatter(v, self.anchors)
+
+    def item_losses(self, v: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-item losses at position ``v`` (``(dim,)``), flattened to ``(items,)``."""
+        params = {"model." + k: t for k, t in self.params_from(v).items()}
+        return functional_call(self._bound_loss, params, (batch,), strict=False).reshape(-1)
+
+    def _prior(self, positions: torch.Tensor) -> torch.Tensor:
+        delta = positions - self.anchor_vector
+        return 0.5 * self.gamma * (delta * delta).sum(-1)
+
+    # ------------------------------------------------------------------ vectorized
+    def potential_and_grad(self, positions: torch.Tensor, batch: Batch) -> GradientResult:
+        """U, ∇U and the minibatch loss at ``positions`` (``(chains, dim)``) on ``batch``.
+
+        One vmapped forward over all chains and one backward: chains are independent,
+        so the gradient of the summed potential is each chain's own gradient.
+        """
+        with torch.enable_grad():
+            positions = positions.detach().requires_grad_(True)
+            loss = self._vlosses(positions, batch).mean(-1)
+            potential = self.nbeta * loss + self._prior(positions)
+            (grad,) = torch.autograd.grad(potential.sum(), positions)
+        return GradientResult(potential.detach(), grad, loss.detach())
+
+    def full_potential_and_grad(self, positions: torch.Tensor) -> GradientResult:
+        """As :meth:`potential_and_grad` on the whole training set (item-weighted means)."""
+        total_items = 0
+        loss_sum = torch.zeros(positions.shape[0], dtype=self.dtype, device=self.device)
+        grad_sum = torch.zeros_like(positions)
+        prior_grad = self.gamma * (positions - self.anchor_vector)
+        prior = self._prior(positions)
+        for batch in self.train_batches:
+            res = self.potential_and_grad(positions, batch)
+            items = self._items_in(batch)
+            # U_B = nβ·L_B + prior, so nβ·L_B and its gradient are recovered exactly.
+            loss_sum += items * res.loss
+            grad_sum += items * (res.grad - prior_grad)
+            total_items += items
+        loss = loss_sum / total_items
+        grad = grad_sum / total_items + prior_grad
+        return GradientResult(self.nbeta * loss + prior, grad, loss)
+
+    def batch_item_losses(self, positions: torch.Tensor, batches: Sequence[Batch]) -> torch.Tensor:
+        """Per-item losses of every item of ``batches``, shape ``(chains, items)``."""
+        with torch.no_grad():
+            return torch.cat([self._vlosses(positions, b) for b in batches], dim=-1)
+
+    def _items_in(self, batch: Batch) -> int:
+        key = id(batch)
+        if key not in self._item_counts:
+            with torch.no_grad():
+                self._item_counts[key] = int(self.item_losses(self.anchor_vector, batch).numel())
+        return self._item_counts[key]
+
+    # ------------------------------------------------------------------- for Pyro
+    @property
+    def initial_params(self) -> dict[str, torch.Tensor]:
+        """Start point ``{"v": v*}`` for ``pyro.infer.MCMC(..., initial_params=...)``."""
+        return {"v": self.anchor_vector.clone()}
+
+    def potential_fn(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Full-batch potential U(v) for Pyro's HMC/NUTS (differentiable by autograd).
+
+        ``params["v"]`` has shape ``(dim,)``; returns a 0-d tensor.
+        """
+        v = params["v"]
+        total, items_seen = 0.0, 0
+        for batch in self.train_batches:
+            losses = self.item_losses(v, batch)
+            total = total + losses.sum()
+            items_seen += losses.numel()
+        return self.nbeta * total / items_seen + self._prior(v)
+
+    # ----------------------------------------------------------------- validation
+    def check_batch(self, name: str, batch: Batch) -> int:
+        """Run ``loss_fn`` once at w* on ``batch`` and check its output; return item count."""
+        for t in _tensors(batch):
+            if t.device != self.device:
+                raise ValueError(
+                    f"{name}: batch tensor on {t.device} but the model is on {self.device}"
+                )
+            if t.is_floating_point() and t.dtype != self.dtype:
+                raise TypeError(
+                    f"{name}: batch tensor has dtype {t.dtype} but the model uses {self.dtype}"
+                )
+        with torch.no_grad():
+            out = self.loss_fn(self.model, batch)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"loss_fn must return a Tensor, got {type(out).__name__}")
+        if out.dim() == 0:
+            raise ValueError(
+                "loss_fn returned a scalar; it must return unreduced per-item losses "
+                "(use reduction='none')"
+            )
+        size = batch_size_of(batch)
+        if size is not None and out.shape[0] != size:
+            raise ValueError(
+                f"loss_fn returned shape {tuple(out.shape)} for a {name} batch of size {size}; "
+                "its leading dimension must be the batch dimension (per-item losses)"
+            )
+        if not out.is_floating_point():
+            raise TypeError(f"loss_fn must return floating point losses, got {out.dtype}")
+        if out.numel() == 0:
+            raise ValueError(f"loss_fn returned no items for a {name} batch")
+        if not torch.isfinite(out).all():
+            raise ValueError(f"loss_fn returned non-finite losses at w* on a {name} batch")
+        return int(out.numel())
+
+    def describe(self) -> dict[str, Any]:
+        """Hyperparameters and component spec, JSON-serialisable."""
+        return {
+            "nbeta": self.nbeta,
+            "gamma": self.gamma,
+            "component": self.component.name,
+            "component_spec": self.component.describe(),
+            "dim": self.dim,
+        }

@@ -1,0 +1,406 @@
+"""The sampling driver: one function, any registered kernel, chains vectorized.
+
+``sample`` owns seeds, the minibatch schedule, burn-in, thinning, divergence handling,
+the progress bar and the evaluation of observables at kept draws; the kernel owns only
+the update. Output is an ArviZ container (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import xarray as xr
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from bayes_susc.kernels.base import Kernel, NoiseSource, make_kernel
+from bayes_susc.posterior import Batch, LocalPosterior, _Bound, as_batch_list
+from bayes_susc.storage import Backend, make_inference_data
+from bayes_susc.validation import check_int
+
+Observable = Callable[[torch.nn.Module], torch.Tensor]
+ChainMethod = Literal["vectorized", "sequential"]
+
+_DATA_ORDER_KEY = 0xDA7A
+
+
+class DivergenceWarning(UserWarning):
+    """Some chains went non-finite; their later draws are NaN and flagged."""
+
+
+def chain_seeds(seed: int, num_chains: int) -> list[int]:
+    """Per-chain noise seeds; chain k's seed depends on (seed, k) only."""
+    return [
+        int(np.random.SeedSequence(seed, spawn_key=(k,)).generate_state(1)[0])
+        for k in range(num_chains)
+    ]
+
+
+def _batch_schedule(num_batches: int, num_steps: int, seed: int) -> np.ndarray:
+    """Batch index per step: every epoch visits each batch once, in a seeded order."""
+    rng = np.random.default_rng([seed, _DATA_ORDER_KEY])
+    epochs = -(-num_steps // num_batches)
+    order = [rng.permutation(num_batches) for _ in range(epochs)]
+    return np.concatenate(order)[:num_steps] if order else np.zeros(0, dtype=int)
+
+
+def _where_alive(alive: torch.Tensor, new: Any, old: Any) -> Any:
+    """Keep each tensor field of ``old`` for dead chains (leading axis = chain)."""
+    fields = []
+    for n, o in zip(new, old):
+        if isinstance(n, torch.Tensor):
+            mask = alive.reshape((-1,) + (1,) * (n.dim() - 1))
+            fields.append(torch.where(mask, n, o))
+        else:
+            fields.append(n)
+    return type(new)(*fields)
+
+
+class _Evaluator:
+    """Observables at kept draws: φ, eval loss, per-item probe losses, user functions."""
+
+    def __init__(
+        self,
+        posterior: LocalPosterior,
+        eval_batches: list[Batch],
+        probe_batches: list[Batch],
+        observables: Mapping[str, Observable],
+    ) -> None:
+        self.posterior = posterior
+        self.eval_batches = eval_batches
+        self.probe_batches = probe_batches
+        anchor = posterior.anchor_vector.unsqueeze(0)
+        self.eval_loss_anchor = posterior.batch_item_losses(anchor, eval_batches).mean(-1)[0]
+        self.probe_loss_anchor = posterior.batch_item_losses(anchor, probe_batches)[0]
+        self.user = {}
+        for name, fn in observables.items():
+            if not callable(fn):
+                raise TypeError(f"observable {name!r} must be callable as fn(model), got {fn!r}")
+            bound = _Bound(posterior.model, fn)
+
+            def single(v: torch.Tensor, bound: torch.nn.Module = bound) -> torch.Tensor:
+                params = {"model." + k: t for k, t in posterior.params_from(v).items()}
+                return functional_call(bound, params, (), strict=False)
+
+            with torch.no_grad():
+                value = single(posterior.anchor_vector)
+            if not isinstance(value, torch.Tensor) or not torch.isfinite(value).all():
+                raise ValueError(
+                    f"observable {name!r} must return a finite Tensor at w*, got {value!r}"
+                )
+            self.user[name] = (vmap(single), tuple(value.shape))
+
+    def __call__(self, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Observable values at ``positions`` (``(chains, dim)``), each ``(chains, ...)``."""
+        eval_loss = self.posterior.batch_item_losses(positions, self.eval_batches).mean(-1)
+        out = {
+            "phi": eval_loss - self.eval_loss_anchor,
+            "eval_loss": eval_loss,
+            "probe_loss": self.posterior.batch_item_losses(positions, self.probe_batches),
+        }
+        with torch.no_grad():
+            for name, (fn, _) in self.user.items():
+                out[name] = fn(positions)
+        return out
+
+
+def sample(
+    posterior: LocalPosterior,
+    kernel: str | Kernel = "sgld",
+    *,
+    eval_data: Any,
+    probe_data: Any,
+    num_chains: int = 4,
+    num_draws: int = 200,
+    num_burnin: int = 0,
+    steps_per_draw: int = 1,
+    seed: int = 0,
+    observables: Mapping[str, Observable] | None = None,
+    probe_coords: Mapping[str, Sequence[Any]] | None = None,
+    chain_method: ChainMethod = "vectorized",
+    progress: bool | None = None,
+    backend: Backend | None = None,
+    **kernel_kwargs: Any,
+) -> Any:
+    """Sample the local posterior and record observables at kept draws.
+
+    Args:
+        posterior: the target (model, loss, training batches, component, nβ, γ).
+        kernel: a registered kernel name (``"sgld"``, ``"psgld"``, ``"sghmc"``,
+            ``"sgnht"``, ``"mala"``, or a user's) or a kernel instance.
+        eval_data: the evaluation set E (a batch or list of batches), the same items at
+            every draw; φ = L_E(w) − L_E(w*) and ``eval_loss`` = L_E(w) come from it.
+        probe_data: probe items (a batch or list of batches); ``probe_loss`` holds every
+            item's loss (every element of ``loss_fn``'s output, flattened in order).
+        num_chains: independent chains, all started at w*.
+        num_draws: kept draws per chain.
+        num_burnin: steps discarded before the first kept draw.
+        steps_per_draw: kernel steps between kept draws (thinning).
+        seed: master seed; chain k's noise and the minibatch order derive from it.
+        observables: extra ``name -> fn(model) -> Tensor`` recorded at each draw.
+        probe_coords: metadata per probe item (e.g. ``{"token": [...]}``), each of
+            length ``num_probe``; stored as coordinates on the ``probe`` dimension.
+        chain_method: ``"vectorized"`` (all chains in one ``vmap``'d call) or
+            ``"sequential"`` (one chain after another, same draws up to rounding).
+        progress: tqdm bar; ``None`` shows it only when stderr is a terminal.
+        backend: ``"inferencedata"`` or ``"datatree"``; default follows ArviZ's version.
+        **kernel_kwargs: hyperparameters for a kernel given by name (e.g. ``step_size``).
+
+    Returns:
+        ArviZ ``InferenceData`` (or ``DataTree``) with groups ``posterior`` (``phi``,
+        ``eval_loss`` (chain, draw), ``probe_loss`` (chain, draw, probe), user
+        observables), ``sample_stats`` (``loss``, ``potential``, ``grad_norm``,
+        ``distance``, ``diverged``, kernel statistics) and ``constant_data``
+        (observables at w*). Draws of a chain after it diverged are NaN and flagged.
+    """
+    if not isinstance(posterior, LocalPosterior):
+        raise TypeError(f"posterior must be a LocalPosterior, got {type(posterior).__name__}")
+    kernel = make_kernel(kernel, **kernel_kwargs)
+    num_chains = check_int("num_chains", num_chains, minimum=1)
+    num_draws = check_int("num_draws", num_draws, minimum=1)
+    num_burnin = check_int("num_burnin", num_burnin, minimum=0)
+    steps_per_draw = check_int("steps_per_draw", steps_per_draw, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
+    if chain_method not in ("vectorized", "sequential"):
+        raise ValueError(f"chain_method must be 'vectorized' or 'sequential', got {chain_method!r}")
+    eval_batches = as_batch_list("eval_data", eval_data)
+    probe_batches = as_batch_list("probe_data", probe_data)
+    for name, batches in (("eval_data", eval_batches), ("probe_data", probe_batches)):
+        for b in batches:
+            posterior.check_batch(name, b)
+    evaluator = _Evaluator(posterior, eval_batches, probe_batches, observables or {})
+    num_probe = int(evaluator.probe_loss_anchor.numel())
+    coords = _probe_coords(probe_coords, num_probe)
+
+    seeds = chain_seeds(seed, num_chains)
+    noise = NoiseSource(seeds, posterior.device, posterior.dtype)
+    num_steps = num_burnin + num_draws * steps_per_draw
+    schedule = _batch_schedule(len(posterior.train_batches), num_steps, seed)
+    start = posterior.anchor_vector.unsqueeze(0).expand(num_chains, -1).clone()
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    groups_of_chains = (
+        [list(range(num_chains))]
+        if chain_method == "vectorized"
+        else [[k] for k in range(num_chains)]
+    )
+    records, stats, diverged_at = [], [], []
+    with tqdm(
+        total=num_steps * len(groups_of_chains),
+        disable=not show,
+        desc=f"{posterior.component.name} [{kernel.name}]",
+        unit="step",
+    ) as bar:
+        for chains in groups_of_chains:
+            sub_noise = noise if len(chains) == num_chains else noise.subset(chains[0])
+            rec, st, div = _run(
+                posterior,
+                kernel,
+                evaluator,
+                start[chains],
+                sub_noise,
+                schedule,
+                num_burnin,
+                steps_per_draw,
+                bar,
+            )
+            records.append(rec)
+            stats.append(st)
+            diverged_at.append(div)
+    rec = {k: np.concatenate([r[k] for r in records], axis=0) for k in records[0]}
+    st = {k: np.concatenate([s[k] for s in stats], axis=0) for k in stats[0]}
+    diverged_step = np.concatenate(diverged_at)
+    bad = np.flatnonzero(diverged_step >= 0)
+    if bad.size:
+        warnings.warn(
+            f"chain(s) {bad.tolist()} of component {posterior.component.name!r} diverged at "
+            f"step(s) {diverged_step[bad].tolist()}; their draws from then on are NaN and flagged "
+            f"in sample_stats.diverged, and the other {num_chains - bad.size} chain(s) finished. "
+            "Lower step_size or raise gamma.",
+            DivergenceWarning,
+            stacklevel=2,
+        )
+    attrs = _attrs(
+        posterior,
+        kernel,
+        seed,
+        seeds,
+        num_chains,
+        num_draws,
+        num_burnin,
+        steps_per_draw,
+        chain_method,
+        len(eval_batches),
+        diverged_step,
+    )
+    return _to_inference_data(rec, st, evaluator, coords, attrs, backend)
+
+
+def _run(
+    posterior: LocalPosterior,
+    kernel: Kernel,
+    evaluator: _Evaluator,
+    start: torch.Tensor,
+    noise: NoiseSource,
+    schedule: np.ndarray,
+    num_burnin: int,
+    steps_per_draw: int,
+    bar: tqdm,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    """Run one group of chains; returns draws, step statistics, divergence step (-1: none)."""
+    batches = posterior.train_batches
+
+    def grad_for(step: int) -> Callable[[torch.Tensor], Any]:
+        if kernel.full_batch:
+            return posterior.full_potential_and_grad
+        batch = batches[schedule[step]] if len(schedule) else batches[0]
+        return lambda positions: posterior.potential_and_grad(positions, batch)
+
+    state = kernel.init(start, grad_for(0), noise)
+    num_chains = start.shape[0]
+    alive = torch.ones(num_chains, dtype=torch.bool, device=start.device)
+    diverged_at = torch.full((num_chains,), -1, dtype=torch.long, device=start.device)
+    draws: dict[str, list[torch.Tensor]] = {}
+    step_stats: dict[str, list[torch.Tensor]] = {}
+    since_update = 0
+    for t in range(len(schedule)):
+        new_state, info = kernel.step(state, grad_for(t), noise)
+        # Device-side bookkeeping only: no host sync per step.
+        finite = torch.isfinite(info["potential"]) & torch.isfinite(new_state[0]).all(-1)
+        diverged_at = torch.where(alive & ~finite, t, diverged_at)
+        alive = alive & finite
+        state = _where_alive(alive, new_state, state)
+        since_update += 1
+        if t >= num_burnin and (t - num_burnin + 1) % steps_per_draw == 0:
+            position = state[0]
+            values = evaluator(position)
+            values_stats = dict(info)
+            values_stats["distance"] = (position - posterior.anchor_vector).norm(dim=-1)
+            dead = ~alive
+            for name, value in values.items():
+                mask = dead.reshape((-1,) + (1,) * (value.dim() - 1))
+                draws.setdefault(name, []).append(torch.where(mask, torch.nan, value))
+            for name, value in values_stats.items():
+                step_stats.setdefault(name, []).append(
+                    torch.where(dead, torch.nan, value.to(position.dtype))
+                )
+            step_stats.setdefault("diverged", []).append(dead)
+            bar.update(since_update)
+            since_update = 0
+    bar.update(since_update)
+    to_np = {k: torch.stack(v, dim=1).cpu().numpy() for k, v in draws.items()}
+    stats_np = {k: torch.stack(v, dim=1).cpu().numpy() for k, v in step_stats.items()}
+    return to_np, stats_np, diverged_at.cpu().numpy()
+
+
+def _probe_coords(
+    probe_coords: Mapping[str, Sequence[Any]] | None, num_probe: int
+) -> dict[str, np.ndarray]:
+    if num_probe == 0:
+        raise ValueError("probe_data holds no items")
+    coords = {}
+    for name, values in (probe_coords or {}).items():
+        arr = np.asarray(list(values))
+        if arr.shape != (num_probe,):
+            raise ValueError(
+                f"probe_coords[{name!r}] must have one entry per probe item ({num_probe}), "
+                f"got shape {arr.shape}"
+            )
+        if name in ("probe", "chain", "draw"):
+            raise ValueError(f"probe_coords may not be named {name!r} (a dimension name)")
+        coords[name] = arr
+    return coords
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for dist in ("bayes_susc", "torch", "pyro-ppl", "arviz", "numpy", "xarray"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _attrs(
+    posterior,
+    kernel,
+    seed,
+    seeds,
+    num_chains,
+    num_draws,
+    num_burnin,
+    steps_per_draw,
+    chain_method,
+    num_eval_batches,
+    diverged_step,
+) -> dict[str, Any]:
+    config = {
+        **posterior.describe(),
+        "kernel": kernel.name,
+        "kernel_hyperparameters": kernel.hyperparameters(),
+        "seed": seed,
+        "chain_seeds": seeds,
+        "num_chains": num_chains,
+        "num_draws": num_draws,
+        "num_burnin": num_burnin,
+        "steps_per_draw": steps_per_draw,
+        "chain_method": chain_method,
+        "num_train_batches": len(posterior.train_batches),
+        "num_eval_batches": num_eval_batches,
+        "dtype": str(posterior.dtype),
+        "device": str(posterior.device),
+        "versions": _versions(),
+        "diverged_chains": np.flatnonzero(diverged_step >= 0).tolist(),
+        "diverged_at_step": diverged_step.tolist(),
+    }
+    attrs = {
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
+        "inference_library": "bayes_susc",
+        "bayes_susc_config": json.dumps(config),
+        "component": posterior.component.name,
+        "kernel": kernel.name,
+        "nbeta": posterior.nbeta,
+        "gamma": posterior.gamma,
+        "seed": seed,
+        "num_diverged_chains": int((diverged_step >= 0).sum()),
+    }
+    for key, value in kernel.hyperparameters().items():
+        attrs[key] = value
+    return attrs
+
+
+def _to_inference_data(rec, st, evaluator: _Evaluator, coords, attrs, backend) -> Any:
+    num_chains, num_draws = rec["phi"].shape
+    base = {"chain": np.arange(num_chains), "draw": np.arange(num_draws)}
+    posterior_vars = {}
+    for name, value in rec.items():
+        if name == "probe_loss":
+            posterior_vars[name] = (("chain", "draw", "probe"), value)
+        else:
+            extra = tuple(f"{name}_dim_{i}" for i in range(value.ndim - 2))
+            posterior_vars[name] = (("chain", "draw") + extra, value)
+    probe = {"probe": np.arange(rec["probe_loss"].shape[-1])}
+    probe_meta = {k: ("probe", v) for k, v in coords.items()}
+    post = xr.Dataset(posterior_vars, coords={**base, **probe, **probe_meta}, attrs=attrs)
+    stats = xr.Dataset({k: (("chain", "draw"), v) for k, v in st.items()}, coords=base, attrs=attrs)
+    const = xr.Dataset(
+        {
+            "eval_loss_anchor": ((), evaluator.eval_loss_anchor.cpu().numpy()),
+            "probe_loss_anchor": (("probe",), evaluator.probe_loss_anchor.cpu().numpy()),
+        },
+        coords={**probe, **probe_meta},
+        attrs=attrs,
+    )
+    return make_inference_data(
+        {"posterior": post, "sample_stats": stats, "constant_data": const}, backend
+    )

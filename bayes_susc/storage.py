@@ -1,0 +1,90 @@
+"""The one place that builds, reads, saves and loads sampling results.
+
+ArviZ < 1.0 keeps results in ``arviz.InferenceData``; ArviZ ≥ 1.0 (Python ≥ 3.12) in
+``xarray.DataTree``. Both hold the same groups of ``xarray.Dataset`` objects, so the
+rest of the package only ever calls :func:`make_inference_data`, :func:`get_group`,
+:func:`group_names`, :func:`save` and :func:`load`, and never cares which it got.
+
+Files are netCDF-4 with one netCDF group per ArviZ group, written atomically: to a
+temporary file in the same folder, then renamed over the target.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import xarray as xr
+
+Backend = Literal["inferencedata", "datatree"]
+
+
+def _arviz():
+    with warnings.catch_warnings():
+        # ArviZ 0.2x announces its 1.0 refactor on import; not actionable for users here.
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+
+    return arviz
+
+
+def default_backend() -> Backend:
+    """``"inferencedata"`` under ArviZ < 1, ``"datatree"`` under ArviZ ≥ 1."""
+    major = int(_arviz().__version__.split(".")[0])
+    return "inferencedata" if major < 1 else "datatree"
+
+
+def make_inference_data(groups: Mapping[str, xr.Dataset], backend: Backend | None = None) -> Any:
+    """Bundle named groups (``posterior``, ``sample_stats``, ...) into the ArviZ container."""
+    backend = backend or default_backend()
+    if backend == "inferencedata":
+        return _arviz().InferenceData(**dict(groups))
+    if backend == "datatree":
+        return xr.DataTree.from_dict(dict(groups))
+    raise ValueError(f"backend must be 'inferencedata' or 'datatree', got {backend!r}")
+
+
+def group_names(data: Any) -> list[str]:
+    """Names of the groups held by an InferenceData or DataTree."""
+    if isinstance(data, xr.DataTree):
+        return list(data.children)
+    return list(data.groups())
+
+
+def get_group(data: Any, name: str) -> xr.Dataset:
+    """Group ``name`` of an InferenceData or DataTree as an ``xarray.Dataset``."""
+    if name not in group_names(data):
+        raise KeyError(f"no group {name!r}; groups present: {group_names(data)}")
+    if isinstance(data, xr.DataTree):
+        return data[name].to_dataset()
+    return getattr(data, name)
+
+
+def save(data: Any, path: str | os.PathLike) -> Path:
+    """Write ``data`` to a netCDF file atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tree = xr.DataTree.from_dict({g: get_group(data, g) for g in group_names(data)})
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        tree.to_netcdf(tmp, engine="netcdf4")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load(path: str | os.PathLike, backend: Backend | None = None) -> Any:
+    """Read a file written by :func:`save` fully into memory (the file is closed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file at {path}")
+    with xr.open_datatree(path, engine="netcdf4") as tree:
+        groups = {name: tree[name].to_dataset().load() for name in tree.children}
+    return make_inference_data(groups, backend)

@@ -1,0 +1,1 @@
+"""Sampler-quality studies (run as ``python -m diagnostics.<study> --out DIR [--quick]``)."""

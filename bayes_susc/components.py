@@ -15,6 +15,7 @@ Frozen entries are never written: the full tensors are rebuilt from the anchor b
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -69,7 +70,8 @@ class Component:
             flat = _flat_indices(self.name, pname, params[pname], selection)
             if flat.numel() == 0:
                 raise ValueError(
-                    f"component {self.name!r}: selection {selection!r} of {pname!r} is empty"
+                    f"component {self.name!r}: selection {_describe(selection, 0)} "
+                    f"of {pname!r} is empty"
                 )
             names.append(pname)
             indices.append(flat)
@@ -128,8 +130,10 @@ def _flat_indices(comp: str, pname: str, param: torch.Tensor, selection: Selecti
             full.append(s)
     full.extend([slice(None)] * (param.dim() - len(full)))
     for dim, (s, size) in enumerate(zip(full, param.shape)):
-        if isinstance(s, bool) or not isinstance(s, (int, slice)):
+        if isinstance(s, bool) or not isinstance(s, (numbers.Integral, slice)):
             raise TypeError(f"{where}: index entries must be int, slice or ..., got {s!r}")
+        if isinstance(s, numbers.Integral):
+            s = full[dim] = int(s)
         if isinstance(s, int) and not -size <= s < size:
             raise ValueError(f"{where}: index {s} out of range for dim {dim} of size {size}")
         if isinstance(s, slice):

@@ -80,6 +80,8 @@ def as_batch_list(name: str, data: Any, *, allow_empty: bool = False) -> list[Ba
     """
     if data is None:
         raise ValueError(f"{name} must be given (a batch or a list of batches), got None")
+    if isinstance(data, (str, bytes)):
+        raise TypeError(f"{name} must be a batch or an iterable of batches, got a string")
     if isinstance(data, (torch.Tensor, Mapping)) or (
         isinstance(data, tuple) and data and all(isinstance(t, torch.Tensor) for t in data)
     ):
@@ -248,8 +250,12 @@ class LocalPosterior:
         return self.nbeta * total / items_seen + self._prior(v)
 
     # ----------------------------------------------------------------- validation
-    def check_batch(self, name: str, batch: Batch) -> int:
-        """Run ``loss_fn`` once at w* on ``batch`` and check its output; return item count."""
+    def check_batch(self, name: str, batch: Batch) -> torch.Tensor:
+        """Run ``loss_fn`` once at w* on ``batch``, check its output, return it flattened.
+
+        The returned per-item losses at w* (shape ``(items,)``) are the anchor values of
+        the observables, so validation costs no extra forward pass.
+        """
         for t in _tensors(batch):
             if t.device != self.device:
                 raise ValueError(
@@ -280,7 +286,7 @@ class LocalPosterior:
             raise ValueError(f"loss_fn returned no items for a {name} batch")
         if not torch.isfinite(out).all():
             raise ValueError(f"loss_fn returned non-finite losses at w* on a {name} batch")
-        return int(out.numel())
+        return out.reshape(-1)
 
     def describe(self) -> dict[str, Any]:
         """Hyperparameters and component spec, JSON-serialisable."""

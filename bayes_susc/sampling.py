@@ -30,6 +30,21 @@ Observable = Callable[[torch.nn.Module], torch.Tensor]
 ChainMethod = Literal["vectorized", "sequential"]
 
 _DATA_ORDER_KEY = 0xDA7A
+# Names the driver writes itself; user observables, probe coordinates and kernel
+# statistics may not take them.
+_RESERVED_NAMES = frozenset(
+    {
+        "chain",
+        "draw",
+        "probe",
+        "phi",
+        "eval_loss",
+        "probe_loss",
+        "eval_loss_anchor",
+        "probe_loss_anchor",
+    }
+)
+_DRIVER_STATS = frozenset({"distance", "diverged"})
 
 
 class DivergenceWarning(UserWarning):
@@ -61,7 +76,17 @@ def _where_alive(alive: torch.Tensor, new: Any, old: Any) -> Any:
             fields.append(torch.where(mask, n, o))
         else:
             fields.append(n)
-    return type(new)(*fields)
+    # NamedTuple states rebuild from positional fields; plain tuples from an iterable.
+    return type(new)(*fields) if hasattr(new, "_fields") else type(new)(fields)
+
+
+def _state_finite(state: Any, num_chains: int) -> torch.Tensor:
+    """Per chain: every floating field of the kernel state is finite, ``(chains,)``."""
+    finite = torch.ones(num_chains, dtype=torch.bool, device=state[0].device)
+    for field in state:
+        if isinstance(field, torch.Tensor) and field.is_floating_point():
+            finite = finite & torch.isfinite(field.reshape(num_chains, -1)).all(-1)
+    return finite
 
 
 class _Evaluator:
@@ -77,9 +102,12 @@ class _Evaluator:
         self.posterior = posterior
         self.eval_batches = eval_batches
         self.probe_batches = probe_batches
-        anchor = posterior.anchor_vector.unsqueeze(0)
-        self.eval_loss_anchor = posterior.batch_item_losses(anchor, eval_batches).mean(-1)[0]
-        self.probe_loss_anchor = posterior.batch_item_losses(anchor, probe_batches)[0]
+        # Checking each batch evaluates it at w*: those are the anchor values.
+        eval_anchor = torch.cat([posterior.check_batch("eval_data", b) for b in eval_batches])
+        self.eval_loss_anchor = eval_anchor.mean()
+        self.probe_loss_anchor = torch.cat(
+            [posterior.check_batch("probe_data", b) for b in probe_batches]
+        )
         self.user = {}
         for name, fn in observables.items():
             if not callable(fn):
@@ -90,6 +118,11 @@ class _Evaluator:
                 params = {"model." + k: t for k, t in posterior.params_from(v).items()}
                 return functional_call(bound, params, (), strict=False)
 
+            if name in _RESERVED_NAMES:
+                raise ValueError(
+                    f"observables may not be named {name!r}: reserved names are "
+                    f"{sorted(_RESERVED_NAMES)}"
+                )
             with torch.no_grad():
                 value = single(posterior.anchor_vector)
             if not isinstance(value, torch.Tensor) or not torch.isfinite(value).all():
@@ -108,7 +141,8 @@ class _Evaluator:
         }
         with torch.no_grad():
             for name, (fn, _) in self.user.items():
-                out[name] = fn(positions)
+                # An observable may return a live (frozen) parameter: record values only.
+                out[name] = fn(positions).detach()
         return out
 
 
@@ -173,12 +207,12 @@ def sample(
         raise ValueError(f"chain_method must be 'vectorized' or 'sequential', got {chain_method!r}")
     eval_batches = as_batch_list("eval_data", eval_data)
     probe_batches = as_batch_list("probe_data", probe_data)
-    for name, batches in (("eval_data", eval_batches), ("probe_data", probe_batches)):
-        for b in batches:
-            posterior.check_batch(name, b)
     evaluator = _Evaluator(posterior, eval_batches, probe_batches, observables or {})
     num_probe = int(evaluator.probe_loss_anchor.numel())
     coords = _probe_coords(probe_coords, num_probe)
+    clash = sorted(set(coords) & set(evaluator.user))
+    if clash:
+        raise ValueError(f"observables and probe_coords share the names {clash}; rename one")
 
     seeds = chain_seeds(seed, num_chains)
     noise = NoiseSource(seeds, posterior.device, posterior.dtype)
@@ -272,8 +306,10 @@ def _run(
     since_update = 0
     for t in range(len(schedule)):
         new_state, info = kernel.step(state, grad_for(t), noise)
+        if t == 0:
+            _check_info(kernel, info)
         # Device-side bookkeeping only: no host sync per step.
-        finite = torch.isfinite(info["potential"]) & torch.isfinite(new_state[0]).all(-1)
+        finite = torch.isfinite(info["potential"]) & _state_finite(new_state, num_chains)
         diverged_at = torch.where(alive & ~finite, t, diverged_at)
         alive = alive & finite
         state = _where_alive(alive, new_state, state)
@@ -300,6 +336,17 @@ def _run(
     return to_np, stats_np, diverged_at.cpu().numpy()
 
 
+def _check_info(kernel: Kernel, info: Mapping[str, torch.Tensor]) -> None:
+    """The kernel's per-step statistics: the required ones, none named like the driver's."""
+    missing = {"loss", "potential", "grad_norm"} - set(info)
+    clash = sorted((_DRIVER_STATS | _RESERVED_NAMES) & set(info))
+    if missing or clash:
+        raise ValueError(
+            f"kernel {kernel.name!r} step info must hold loss, potential and grad_norm "
+            f"(missing {sorted(missing)}) and may not use the driver's names {clash}"
+        )
+
+
 def _probe_coords(
     probe_coords: Mapping[str, Sequence[Any]] | None, num_probe: int
 ) -> dict[str, np.ndarray]:
@@ -313,8 +360,11 @@ def _probe_coords(
                 f"probe_coords[{name!r}] must have one entry per probe item ({num_probe}), "
                 f"got shape {arr.shape}"
             )
-        if name in ("probe", "chain", "draw"):
-            raise ValueError(f"probe_coords may not be named {name!r} (a dimension name)")
+        if name in _RESERVED_NAMES:
+            raise ValueError(
+                f"probe_coords may not be named {name!r}: reserved names are "
+                f"{sorted(_RESERVED_NAMES)}"
+            )
         coords[name] = arr
     return coords
 
@@ -375,7 +425,8 @@ def _attrs(
         "num_diverged_chains": int((diverged_step >= 0).sum()),
     }
     for key, value in kernel.hyperparameters().items():
-        attrs[key] = value
+        # A hyperparameter never overwrites a run attribute (e.g. a kernel's own "seed").
+        attrs[key if key not in attrs else f"kernel_{key}"] = value
     return attrs
 
 

@@ -7,6 +7,7 @@ the value received and what was expected (scikit-learn style).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 
@@ -28,7 +29,7 @@ def check_nonnegative(name: str, value: Any) -> float:
 
 def check_finite(name: str, value: Any) -> float:
     """Return ``value`` as a float, or raise if it is not a finite real number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
     if not math.isfinite(value):
@@ -47,8 +48,9 @@ def check_fraction(name: str, value: Any, *, open_low: bool = False) -> float:
 
 def check_int(name: str, value: Any, *, minimum: int = 0) -> int:
     """Return ``value`` as an int >= ``minimum``, else raise."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return value

@@ -13,6 +13,7 @@ from bayes_susc.kernels.base import (
     make_kernel,
     register,
     register_kernel,
+    unregister_kernel,
 )
 from bayes_susc.kernels.mala import MALA
 from bayes_susc.kernels.psgld import PSGLD
@@ -34,4 +35,5 @@ __all__ = [
     "make_kernel",
     "register",
     "register_kernel",
+    "unregister_kernel",
 ]

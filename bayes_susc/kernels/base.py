@@ -111,6 +111,13 @@ def register_kernel(name: str, factory: Callable[..., Kernel], *, overwrite: boo
     _REGISTRY[name] = factory
 
 
+def unregister_kernel(name: str) -> None:
+    """Remove a kernel registered with :func:`register_kernel`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"no kernel {name!r} is registered; registered: {available_kernels()}")
+    del _REGISTRY[name]
+
+
 def available_kernels() -> list[str]:
     """Names of the registered kernels."""
     return sorted(_REGISTRY)
@@ -129,8 +136,9 @@ def make_kernel(kernel: str | Kernel, **hyperparameters: Any) -> Kernel:
     missing = [
         m for m in ("init", "step", "hyperparameters") if not callable(getattr(kernel, m, None))
     ]
+    missing += [a for a in ("name", "full_batch", "step_size") if not hasattr(kernel, a)]
     if missing:
-        raise TypeError(f"kernel {kernel!r} lacks the methods {missing} of the Kernel protocol")
+        raise TypeError(f"kernel {kernel!r} lacks {missing} of the Kernel protocol")
     return kernel
 
 

@@ -667,7 +667,10 @@ def test_probe_loss_order_and_distance_match_direct_evaluation():
             replica.bias.copy_(b)
             direct = torch.cat([sq_loss(replica, batch) for batch in probe]).numpy()
             eval_direct = torch.cat([sq_loss(replica, batch) for batch in data["eval"]]).mean()
-        np.testing.assert_allclose(p["probe_loss"].values[chain, draw], direct, rtol=1e-5)
+        # float32 with cancellation in (y - xw)^2: small losses carry ~1e-5 relative noise.
+        np.testing.assert_allclose(
+            p["probe_loss"].values[chain, draw], direct, rtol=1e-4, atol=1e-8
+        )
         np.testing.assert_allclose(p["eval_loss"].values[chain, draw], eval_direct, rtol=1e-5)
         distance = torch.linalg.vector_norm(torch.cat([w.reshape(-1), b]) - w_star)
         np.testing.assert_allclose(s["distance"].values[chain, draw], distance, rtol=1e-4)

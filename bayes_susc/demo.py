@@ -14,7 +14,7 @@ import torch
 
 from bayes_susc.posterior import LocalPosterior
 from bayes_susc.sampling import sample
-from bayes_susc.storage import get_group, load, save
+from bayes_susc.storage import atomic_write, get_group, load, save
 from bayes_susc.susceptibility import susceptibility
 
 
@@ -70,9 +70,7 @@ def run_demo(out: Path, settings: DemoSettings | None = None, progress: bool | N
     else:
         tokens, _ = mixed_corpus(s.n_train, s.seq_len, seed=s.seed)
         train(model, tokens, steps=s.train_steps, batch_size=s.batch_size, lr=3e-3, seed=s.seed)
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(checkpoint)
+        atomic_write(checkpoint, lambda tmp: torch.save(model.state_dict(), tmp))
     train_tokens, _ = mixed_corpus(s.n_train, s.seq_len, seed=s.seed)
     train_batches = list(train_tokens.split(s.batch_size))
     eval_tokens, _ = mixed_corpus(s.n_eval, s.seq_len, seed=s.seed + 1)
@@ -108,9 +106,9 @@ def run_demo(out: Path, settings: DemoSettings | None = None, progress: bool | N
             )
             save(data, path)
         summary["components"][component.name] = _component_summary(data)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "summary.json")
+    atomic_write(
+        out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2))
+    )
     return summary
 
 

@@ -45,7 +45,6 @@ trusted matrix (all weights equal) is analysed exactly as given.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,6 +59,7 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from statsmodels.stats.multitest import multipletests
 
+from bayes_susc.storage import atomic_write
 from bayes_susc.validation import check_finite, check_fraction, check_int, check_nonnegative
 
 #: Reasons an entry is unreliable, in the order they are checked (the first one wins).
@@ -268,17 +268,7 @@ def save_response_matrix(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """
     if not isinstance(ds, xr.Dataset):
         raise TypeError(f"ds must be an xarray.Dataset, got {type(ds).__name__}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        ds.to_netcdf(tmp, engine="netcdf4")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4"))
 
 
 def load_response_matrix(path: str | os.PathLike) -> xr.Dataset:

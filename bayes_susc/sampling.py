@@ -261,19 +261,18 @@ def sample(
             DivergenceWarning,
             stacklevel=2,
         )
-    attrs = _attrs(
-        posterior,
-        kernel,
-        seed,
-        seeds,
-        num_chains,
-        num_draws,
-        num_burnin,
-        steps_per_draw,
-        chain_method,
-        len(eval_batches),
-        diverged_step,
-    )
+    settings = {
+        "seed": seed,
+        "chain_seeds": seeds,
+        "num_chains": num_chains,
+        "num_draws": num_draws,
+        "num_burnin": num_burnin,
+        "steps_per_draw": steps_per_draw,
+        "chain_method": chain_method,
+        "num_train_batches": len(posterior.train_batches),
+        "num_eval_batches": len(eval_batches),
+    }
+    attrs = _attrs(posterior, kernel, settings, diverged_step)
     return _to_inference_data(rec, st, evaluator, coords, attrs, backend)
 
 
@@ -382,31 +381,14 @@ def _versions() -> dict[str, str]:
 
 
 def _attrs(
-    posterior,
-    kernel,
-    seed,
-    seeds,
-    num_chains,
-    num_draws,
-    num_burnin,
-    steps_per_draw,
-    chain_method,
-    num_eval_batches,
-    diverged_step,
+    posterior: LocalPosterior, kernel: Kernel, settings: dict[str, Any], diverged_step: np.ndarray
 ) -> dict[str, Any]:
+    """Run attributes: enough to rerun (hyperparameters, seeds, versions) and the faults."""
     config = {
         **posterior.describe(),
         "kernel": kernel.name,
         "kernel_hyperparameters": kernel.hyperparameters(),
-        "seed": seed,
-        "chain_seeds": seeds,
-        "num_chains": num_chains,
-        "num_draws": num_draws,
-        "num_burnin": num_burnin,
-        "steps_per_draw": steps_per_draw,
-        "chain_method": chain_method,
-        "num_train_batches": len(posterior.train_batches),
-        "num_eval_batches": num_eval_batches,
+        **settings,
         "dtype": str(posterior.dtype),
         "device": str(posterior.device),
         "versions": _versions(),
@@ -421,7 +403,7 @@ def _attrs(
         "kernel": kernel.name,
         "nbeta": posterior.nbeta,
         "gamma": posterior.gamma,
-        "seed": seed,
+        "seed": settings["seed"],
         "num_diverged_chains": int((diverged_step >= 0).sum()),
     }
     for key, value in kernel.hyperparameters().items():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,20 +64,26 @@ def get_group(data: Any, name: str) -> xr.Dataset:
     return getattr(data, name)
 
 
-def save(data: Any, path: str | os.PathLike) -> Path:
-    """Write ``data`` to a netCDF file atomically (a crash never leaves half a file)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over
+    ``path``: readers see the old file or the new one, never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tree = xr.DataTree.from_dict({g: get_group(data, g) for g in group_names(data)})
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        tree.to_netcdf(tmp, engine="netcdf4")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def save(data: Any, path: str | os.PathLike) -> Path:
+    """Write ``data`` to a netCDF file atomically (a crash never leaves half a file)."""
+    tree = xr.DataTree.from_dict({g: get_group(data, g) for g in group_names(data)})
+    return atomic_write(path, lambda tmp: tree.to_netcdf(tmp, engine="netcdf4"))
 
 
 def load(path: str | os.PathLike, backend: Backend | None = None) -> Any:

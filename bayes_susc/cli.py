@@ -36,4 +36,13 @@ def demo(
             f"{name:6} {row['mean_phi']:9.4f} {row['rhat_phi']:6.3f} {row['ess_phi']:6.0f} "
             f"{row['diverged_chains']:4d}  {' '.join(row['most_expressed'])}"
         )
-    typer.echo(f"results: {out}/components/*.nc, summary: {out}/summary.json")
+    matrix = summary["response_matrix"]
+    typer.echo(
+        f"response matrix {matrix['shape'][0]} probe tokens x {matrix['shape'][1]} heads; "
+        f"entry statuses: {matrix['status_counts']}"
+    )
+    typer.echo(f"PCA explained variance ratio: {matrix['explained_variance_ratio']}")
+    typer.echo(
+        f"results: {out}/response_matrix.nc, {out}/components/*.nc, figures: {out}/figures/, "
+        f"summary: {out}/summary.json"
+    )

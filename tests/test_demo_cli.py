@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from bayes_susc import get_group, load
 from bayes_susc.cli import app
+from bayes_susc.response_matrix import load_response_matrix
 
 
 def test_demo_quick_writes_results_and_resumes(tmp_path):
@@ -25,6 +26,16 @@ def test_demo_quick_writes_results_and_resumes(tmp_path):
     assert post["probe_loss"].shape == (4, 20, 4 * 63)
     assert set(post["dataset"].values) <= {"code", "prose"}
     assert np.isfinite(post["probe_loss"].values).all()
+    matrix = load_response_matrix(tmp_path / "response_matrix.nc")
+    assert matrix["chi"].dims == ("probe", "component")
+    assert matrix["chi"].shape == (4 * 63, 4)
+    counts = summary["response_matrix"]["status_counts"]
+    assert sum(counts.values()) == 4 * 63 * 4
+    assert counts == {
+        str(k): int(v) for k, v in zip(*np.unique(matrix["status"].values, return_counts=True))
+    }
+    for name in ("heatmap", "pca_scatter", "pca_loadings", "explained_variance"):
+        assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000
     mtimes = [f.stat().st_mtime_ns for f in files]
     again = runner.invoke(app, ["demo", "--out", str(tmp_path), "--quick", "--no-progress"])
     assert again.exit_code == 0, again.output

@@ -274,3 +274,80 @@ class LinearGaussianProblem:
         cov_h = np.linalg.inv(K_h)
         mu = -cov_h @ (self.nbeta * h * lin[i])
         return quad_mean(H, cov_h) + 0.5 * float(mu @ H @ mu) + float(g @ mu)
+
+
+def simulate_sgld(
+    problem: LinearGaussianProblem,
+    step_size: float,
+    chain_shape: tuple[int, ...],
+    num_draws: int,
+    steps_per_draw: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact draws of thinned full-batch SGLD, started from its stationary law.
+
+    δ' = Aᵏδ + innovation, A = I − εK/2, with the exact innovation covariance
+    S − AᵏSAᵏᵀ (S the stationary covariance), so every draw has law N(0, S).
+
+    Args:
+        chain_shape: leading shape of independent chains, e.g. ``(4,)`` or
+            ``(replications, 4)``.
+
+    Returns:
+        φ, shape ``(*chain_shape, num_draws)``, and ΔL = ℓ_i − L_E, shape
+        ``(*chain_shape, num_draws, probe)``, both up to additive constants (which do
+        not change χ).
+    """
+    K, s = problem.K, problem.dim
+    A = np.linalg.matrix_power(np.eye(s) - 0.5 * step_size * K, steps_per_draw)
+    S = sgld_stationary_cov(K, step_size)
+    Q = S - A @ S @ A.T
+    chol_s, chol_q = np.linalg.cholesky(S), np.linalg.cholesky(0.5 * (Q + Q.T))
+    delta = np.empty((*chain_shape, num_draws, s))
+    x = rng.standard_normal((*chain_shape, s)) @ chol_s.T
+    for t in range(num_draws):
+        delta[..., t, :] = x
+        x = x @ A.T + rng.standard_normal((*chain_shape, s)) @ chol_q.T
+    H, g = problem.phi_terms()
+    P, lin = problem.probe_terms()
+    phi = 0.5 * np.einsum("...a,ab,...b->...", delta, H, delta) + delta @ g
+    ell = 0.5 * np.einsum("...a,iab,...b->...i", delta, P, delta) + delta @ lin.T
+    return phi, ell - phi[..., None]
+
+
+def torch_local_posterior(problem: LinearGaussianProblem):
+    """The problem as a float64 torch model: ``(LocalPosterior, eval_batches, probe_batches)``.
+
+    A bias-free ``Linear`` at w*, loss ½(y − xᵀw)² per item, one full training batch,
+    the free coordinates S as a boolean-mask component, nβ and γ of the problem.
+    Imports torch lazily: this module stays numpy-only otherwise.
+    """
+    import torch
+
+    from bayes_susc.components import Component
+    from bayes_susc.posterior import LocalPosterior
+
+    p = problem.X_train.shape[1]
+    model = torch.nn.Linear(p, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor(problem.w_star)[None])
+    mask = torch.zeros(1, p, dtype=torch.bool)
+    mask[0, torch.as_tensor(problem.free.copy())] = True
+
+    def squared_error(m: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        x, y = batch
+        return 0.5 * (m(x).squeeze(-1) - y) ** 2
+
+    def batch(X: np.ndarray, y: np.ndarray) -> list[tuple]:
+        return [(torch.tensor(np.array(X)), torch.tensor(np.array(y)))]
+
+    X_eval, y_eval = problem._eval_set()
+    posterior = LocalPosterior(
+        model,
+        squared_error,
+        batch(problem.X_train, problem.y_train),
+        Component("S", {"weight": mask}),
+        nbeta=problem.nbeta,
+        gamma=problem.gamma,
+    )
+    return posterior, batch(X_eval, y_eval), batch(problem.X_probe, problem.y_probe)

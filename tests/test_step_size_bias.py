@@ -1,0 +1,138 @@
+"""Step-size bias and Richardson extrapolation, against the linear–Gaussian closed forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from bayes_susc.ground_truth import (
+    LinearGaussianProblem,
+    simulate_sgld,
+    torch_local_posterior,
+)
+from bayes_susc.step_size_bias import extrapolate, richardson_weights, step_size_study
+from bayes_susc.susceptibility import estimate
+
+
+@pytest.fixture(scope="module")
+def problem() -> LinearGaussianProblem:
+    # Literature defaults: nβ = 30, γ = 300.
+    return LinearGaussianProblem.make(p=6, free=[0, 2, 5], n_eval=100, n_probe=8, seed=7)
+
+
+def _as_estimate(chi: np.ndarray, se: np.ndarray) -> xr.Dataset:
+    return xr.Dataset(
+        {
+            "chi": ("probe", chi),
+            "se": ("probe", se),
+            "ci_low": ("probe", chi - 1.96 * se),
+            "ci_high": ("probe", chi + 1.96 * se),
+        }
+    )
+
+
+def test_weights_are_the_lagrange_values_at_zero():
+    np.testing.assert_allclose(richardson_weights([1e-3, 5e-4]), [-1.0, 2.0])
+    np.testing.assert_allclose(richardson_weights([1.0, 0.5, 0.25]), [1 / 3, -2.0, 8 / 3])
+    # Exact on polynomials of degree k - 1 in ε.
+    eps = np.array([0.3, 0.2, 0.07])
+    values = 1.5 - 2.0 * eps + 4.0 * eps**2
+    assert richardson_weights(eps) @ values == pytest.approx(1.5, rel=1e-12)
+
+
+def test_closed_form_extrapolation_beats_the_plain_chain_at_the_default_step(problem):
+    """The exact chain χ at ε = 1e-3 is ≈ 10% off the posterior; Richardson removes most."""
+    eps = 1e-3
+    post = problem.chi_posterior()
+    plain = problem.chi_sgld(eps)
+    zero_se = np.zeros_like(plain)
+    runs = [_as_estimate(plain, zero_se), _as_estimate(problem.chi_sgld(eps / 2), zero_se)]
+    extrap = extrapolate(runs, [eps, eps / 2])["chi"].values
+    plain_err = np.abs(plain - post)
+    assert np.all(plain_err / np.abs(post) > 0.03)  # the bias is real at the defaults
+    assert np.all(np.abs(extrap - post) < 0.1 * plain_err)  # second order: ≥ 10× smaller
+    three = extrapolate(
+        runs + [_as_estimate(problem.chi_sgld(eps / 4), zero_se)], [eps, eps / 2, eps / 4]
+    )["chi"].values
+    assert np.all(np.abs(three - post) < np.abs(extrap - post))
+
+
+def test_sampled_extrapolation_is_closer_to_the_posterior(problem):
+    """Exact SGLD draws at ε and ε/2 (thinned to the same dynamical time per draw)."""
+    rng = np.random.default_rng(3)
+    eps = 1e-3
+    estimates = []
+    for step, k in ((eps, 10), (eps / 2, 20)):
+        phi, delta = simulate_sgld(problem, step, (16,), 2000, k, rng)
+        estimates.append(estimate({"phi": phi, "delta_loss": delta}))
+    result = extrapolate(estimates, [eps, eps / 2])
+    post = problem.chi_posterior()
+    extrap_err = np.abs(result["chi"].values - post)
+    plain_err = np.abs(result["chi_plain"].values - post)
+    # Each entry: the posterior χ lies within 4 SE of the extrapolated estimate ...
+    assert np.all(extrap_err < 4 * result["se"].values)
+    # ... and on average the extrapolation is closer than the plain estimate, whose bias
+    # (≈ 10%) is several standard errors here.
+    assert extrap_err.mean() < plain_err.mean()
+    assert np.all(
+        np.abs(result["chi_plain"].values - problem.chi_sgld(eps)) < 4 * estimates[0]["se"].values
+    )
+    # The estimated bias tracks the exact one: χ(ε) − χ(0).
+    exact_bias = problem.chi_sgld(eps) - post
+    assert np.all(np.abs(result["bias"].values - exact_bias) < 4 * result["se"].values)
+
+
+def test_bias_flag_marks_entries_whose_interval_misses_the_bias():
+    chi_big = np.array([1.0, 1.0])
+    runs = [
+        _as_estimate(chi_big, np.array([0.01, 0.5])),
+        _as_estimate(np.array([0.9, 0.9]), np.array([0.01, 0.5])),
+    ]
+    out = extrapolate(runs, [1e-3, 5e-4])
+    np.testing.assert_allclose(out["chi"].values, [0.8, 0.8])
+    np.testing.assert_allclose(out["bias"].values, [0.2, 0.2])
+    assert out["bias_exceeds_interval"].values.tolist() == [True, False]
+    np.testing.assert_allclose(out["se"].values, np.sqrt(5) * np.array([0.01, 0.5]))
+
+
+def test_step_size_study_runs_the_sampler_at_each_step(problem):
+    posterior, eval_data, probe_data = torch_local_posterior(problem)
+    result, runs = step_size_study(
+        posterior,
+        "sgld",
+        step_size=2e-3,
+        factors=(1.0, 0.5),
+        num_burnin=20,
+        steps_per_draw=2,
+        eval_data=eval_data,
+        probe_data=probe_data,
+        num_chains=2,
+        num_draws=10,
+        progress=False,
+    )
+    steps = [run.posterior.attrs["step_size"] for run in runs]
+    assert steps == [2e-3, 1e-3]
+    configs = [run.posterior.attrs["bayes_susc_config"] for run in runs]
+    assert '"steps_per_draw": 2' in configs[0] and '"steps_per_draw": 4' in configs[1]
+    assert '"num_burnin": 40' in configs[1]
+    assert result["chi"].shape == (problem.X_probe.shape[0],)
+    assert np.isfinite(result["chi"].values).all()
+
+
+@pytest.mark.parametrize(
+    "step_sizes, match",
+    [([1e-3], "at least two"), ([1e-3, 1e-3], "distinct"), ([1e-3, -1.0], "step_sizes")],
+)
+def test_bad_step_sizes(step_sizes, match):
+    with pytest.raises(ValueError, match=match):
+        richardson_weights(step_sizes)
+
+
+def test_mismatched_estimates_rejected():
+    a = _as_estimate(np.ones(3), np.ones(3))
+    b = _as_estimate(np.ones(2), np.ones(2))
+    with pytest.raises(ValueError, match="same entries"):
+        extrapolate([a, b], [1e-3, 5e-4])
+    with pytest.raises(ValueError, match="pair up"):
+        extrapolate([a], [1e-3, 5e-4])

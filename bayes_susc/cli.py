@@ -28,13 +28,17 @@ def demo(
 
     settings = DemoSettings.quick() if quick else DemoSettings()
     summary = run_demo(out, settings, progress=progress)
+    roles = summary.get("head_roles", {})
     typer.echo(
-        f"{'head':6} {'mean phi':>9} {'R-hat':>6} {'ESS':>6} {'div':>4}  most expressed tokens"
+        f"{'head':6} {'mean phi':>9} {'R-hat':>6} {'ESS':>6} {'div':>4} {'prev':>5} {'ind':>5}"
+        "  most expressed tokens"
     )
     for name, row in summary["components"].items():
+        role = roles.get(name, {})
         typer.echo(
             f"{name:6} {row['mean_phi']:9.4f} {row['rhat_phi']:6.3f} {row['ess_phi']:6.0f} "
-            f"{row['diverged_chains']:4d}  {' '.join(row['most_expressed'])}"
+            f"{row['diverged_chains']:4d} {role.get('previous_token', float('nan')):5.2f} "
+            f"{role.get('induction', float('nan')):5.2f}  {' '.join(row['most_expressed'])}"
         )
     matrix = summary["response_matrix"]
     typer.echo(
@@ -46,3 +50,27 @@ def demo(
         f"results: {out}/response_matrix.nc, {out}/components/*.nc, figures: {out}/figures/, "
         f"summary: {out}/summary.json"
     )
+    typer.echo("(prev, ind: previous-token and induction attention scores of each head)")
+    typer.echo(f"report: {summary['report']}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (e.g. from `bayes-susc demo`).")],
+) -> None:
+    """Rebuild RUN_DIR/report.html from the results in RUN_DIR."""
+    from bayes_susc.report import write_report
+
+    if not (run_dir / "response_matrix.nc").is_file():
+        typer.echo(
+            f"error: {run_dir} has no response_matrix.nc; run `bayes-susc demo --out {run_dir}` "
+            "first (it resumes an unfinished run)",
+            err=True,
+        )
+        raise typer.Exit(code=1)
+    path = write_report(run_dir)
+    typer.echo(f"report: {path}")
+
+
+if __name__ == "__main__":
+    app()

@@ -2,9 +2,11 @@
 code and pydoc prose, sample every head's local posterior, save one InferenceData per
 head, then the response matrix (χ with intervals and statuses) and its figures.
 
-Run folder layout: ``model.pt`` (state dict), ``components/<head>.nc`` (draws),
-``response_matrix.nc``, ``figures/*.png``, ``summary.json``. Finished heads are not
-recomputed when the run is resumed.
+Run folder layout: ``model.pt`` (state dict), ``head_roles.nc`` (attention-pattern role
+scores of every head, :mod:`bayes_susc.head_roles`), ``components/<head>.nc`` (draws),
+``response_matrix.nc``, ``summary.json``, ``report.html`` with its ``figures/*.png``
+(:mod:`bayes_susc.report`). Finished heads are not recomputed when the run is resumed;
+every file is written atomically, so a killed run leaves no partial files.
 """
 
 from __future__ import annotations
@@ -49,25 +51,61 @@ class DemoSettings:
         return cls(n_heads=2, train_steps=60, n_train=64, n_probe=4, num_draws=20, num_burnin=10)
 
 
-def run_demo(out: Path, settings: DemoSettings | None = None, progress: bool | None = None) -> dict:
-    """Run (or resume) the demo into ``out``; returns a summary dict (also in ``summary.json``)."""
-    from bayes_susc.models.attn_only import (
-        AttnOnlyConfig,
-        AttnOnlyTransformer,
-        head_components,
-        next_token_loss,
+#: Tokens of the random blocks used for the induction / duplicate-token scores: the
+#: printable ASCII bytes, which the byte-level demo model has seen in training.
+ROLE_VOCAB = tuple(range(32, 127))
+
+
+def _demo_model(s: DemoSettings):
+    from bayes_susc.models.attn_only import AttnOnlyConfig, AttnOnlyTransformer
+
+    cfg = AttnOnlyConfig(
+        n_layers=s.n_layers, n_heads=s.n_heads, d_model=s.d_model, d_head=s.d_head, n_ctx=s.seq_len
     )
+    return AttnOnlyTransformer(cfg, generator=s.seed)
+
+
+def load_demo_model(out: Path, settings: DemoSettings):
+    """The trained demo model of run folder ``out`` (from ``out/model.pt``), in eval mode."""
+    model = _demo_model(settings)
+    model.load_state_dict(torch.load(Path(out) / "model.pt", weights_only=True))
+    return model.eval()
+
+
+def demo_head_roles(model, s: DemoSettings):
+    """Head-role scores of the demo model: position scores on evaluation text, induction
+    and duplicate-token scores on 32 printable-ASCII blocks of ``seq_len // 2`` bytes
+    repeated twice."""
+    from bayes_susc.head_roles import head_role_scores
+    from bayes_susc.models.corpus import mixed_corpus
+
+    eval_tokens, _ = mixed_corpus(s.n_eval, s.seq_len, seed=s.seed + 1)
+    return head_role_scores(model, eval_tokens, n_repeats=32, vocab=ROLE_VOCAB, seed=s.seed)
+
+
+def run_demo(
+    out: Path,
+    settings: DemoSettings | None = None,
+    progress: bool | None = None,
+    report: bool = True,
+) -> dict:
+    """Run (or resume) the demo into ``out``; returns a summary dict (also in ``summary.json``).
+
+    With ``report`` (default) the run ends by writing ``out/report.html``
+    (:func:`bayes_susc.report.write_report`); its path is ``summary["report"]``.
+    """
+    import xarray as xr
+
+    from bayes_susc.models.attn_only import head_components, next_token_loss
     from bayes_susc.models.corpus import decode, mixed_corpus
     from bayes_susc.models.train import train
 
     s = settings or DemoSettings()
     out = Path(out)
     (out / "components").mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
     torch.manual_seed(s.seed)
-    cfg = AttnOnlyConfig(
-        n_layers=s.n_layers, n_heads=s.n_heads, d_model=s.d_model, d_head=s.d_head, n_ctx=s.seq_len
-    )
-    model = AttnOnlyTransformer(cfg, generator=s.seed)
+    model = _demo_model(s)
     checkpoint = out / "model.pt"
     if checkpoint.exists():
         model.load_state_dict(torch.load(checkpoint, weights_only=True))
@@ -75,6 +113,14 @@ def run_demo(out: Path, settings: DemoSettings | None = None, progress: bool | N
         tokens, _ = mixed_corpus(s.n_train, s.seq_len, seed=s.seed)
         train(model, tokens, steps=s.train_steps, batch_size=s.batch_size, lr=3e-3, seed=s.seed)
         atomic_write(checkpoint, lambda tmp: torch.save(model.state_dict(), tmp))
+    model.eval()
+    roles_path = out / "head_roles.nc"
+    if roles_path.exists():
+        with xr.open_dataset(roles_path, engine="netcdf4") as f:
+            roles = f.load()
+    else:
+        roles = demo_head_roles(model, s)
+        atomic_write(roles_path, lambda tmp: roles.to_netcdf(tmp, engine="netcdf4"))
     train_tokens, _ = mixed_corpus(s.n_train, s.seq_len, seed=s.seed)
     train_batches = list(train_tokens.split(s.batch_size))
     eval_tokens, _ = mixed_corpus(s.n_eval, s.seq_len, seed=s.seed + 1)
@@ -87,6 +133,10 @@ def run_demo(out: Path, settings: DemoSettings | None = None, progress: bool | N
         "token": [decode([int(t)]) for row in probe_tokens for t in row[1:]],
     }
     summary = {"settings": asdict(s), "components": {}}
+    summary["head_roles"] = {
+        str(c): {name: round(float(roles[name].sel(component=c)), 4) for name in roles.data_vars}
+        for c in roles["component"].values
+    }
     runs = {}
     for component in head_components(model):
         path = out / "components" / f"{component.name}.nc"
@@ -113,20 +163,29 @@ def run_demo(out: Path, settings: DemoSettings | None = None, progress: bool | N
         runs[component.name] = data
         summary["components"][component.name] = _component_summary(data)
     summary["response_matrix"] = _response_matrix(runs, out, s.seed)
+    summary["report"] = str(out / "report.html") if report else None
     atomic_write(
         out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2))
     )
+    if report:
+        from bayes_susc.report import write_report
+
+        write_report(out)
     return summary
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporary files a killed run left behind (``atomic_write`` names them
+    ``<target name>.<random>.tmp``; a finished write renames or removes its own)."""
+    for folder in (out, out / "components", out / "figures"):
+        for tmp in folder.glob("*.*.tmp"):
+            if tmp.is_file():
+                tmp.unlink()
+
+
 def _response_matrix(runs: dict, out: Path, seed: int) -> dict:
-    """Build, save and plot the response matrix; returns its headline figures."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bayes_susc import plots
+    """Build and save the response matrix; returns its headline figures (the report
+    draws the figures)."""
     from bayes_susc.response_matrix import build_response_matrix, pca, save_response_matrix
 
     matrix = build_response_matrix(runs, seed=seed)
@@ -137,18 +196,6 @@ def _response_matrix(runs: dict, out: Path, seed: int) -> dict:
     n_pc = min(3, matrix.sizes["component"])
     weighting = "all finite entries"
     components = pca(matrix, n_components=n_pc, weights=None)
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
-    first = next(iter(runs))
-    for name, fig in (
-        ("heatmap", plots.heatmap(matrix)),
-        ("pca_scatter", plots.pca_scatter(components, color_by="dataset")),
-        ("pca_loadings", plots.pca_loadings(components)),
-        ("explained_variance", plots.explained_variance(components)),
-        (f"trace_phi_{first}", plots.trace(runs[first], "phi")),
-    ):
-        fig.savefig(figures / f"{name}.png", dpi=80)
-        plt.close(fig)
     status = matrix["status"].values.ravel()
     names, counts = np.unique(status, return_counts=True)
     return {

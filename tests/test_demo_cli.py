@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
+import xarray as xr
 from typer.testing import CliRunner
 
 from bayes_susc import get_group, load
@@ -34,6 +39,9 @@ def test_demo_quick_writes_results_and_resumes(tmp_path):
     assert counts == {
         str(k): int(v) for k, v in zip(*np.unique(matrix["status"].values, return_counts=True))
     }
+    assert summary["report"] == str(tmp_path / "report.html")
+    assert result.output.rstrip().splitlines()[-1] == f"report: {tmp_path / 'report.html'}"
+    assert set(summary["head_roles"]) == {"L0H0", "L0H1", "L1H0", "L1H1"}
     for name in ("heatmap", "pca_scatter", "pca_loadings", "explained_variance"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000
     mtimes = [f.stat().st_mtime_ns for f in files]
@@ -41,3 +49,57 @@ def test_demo_quick_writes_results_and_resumes(tmp_path):
     assert again.exit_code == 0, again.output
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # resumed, nothing recomputed
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+# The subprocesses run single-threaded: float reductions then do not depend on how many
+# threads the machine offers, so two runs with one seed give bit-identical results.
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _demo_command(out) -> list[str]:
+    return [sys.executable, "-m", "bayes_susc.cli", "demo", "--out", str(out), "--quick"]
+
+
+def test_killed_demo_resumes_to_the_uninterrupted_result(tmp_path):
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    proc = subprocess.Popen(
+        _demo_command(killed) + ["--no-progress"],
+        env=_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list((killed / "components").glob("*.nc")):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no component file after 120 s"
+            time.sleep(0.02)
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    done = sorted(p.name for p in (killed / "components").glob("*.nc"))
+    assert 1 <= len(done) < 4, done  # killed mid-run: some heads finished, not all
+    assert not (killed / "response_matrix.nc").exists()
+    first = {p: (killed / "components" / p).stat().st_mtime_ns for p in done}
+
+    for out in (killed, reference):
+        run = subprocess.run(
+            _demo_command(out) + ["--no-progress"], env=_ENV, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+    # Finished heads were not recomputed.
+    assert {p: (killed / "components" / p).stat().st_mtime_ns for p in done} == first
+    a = load_response_matrix(killed / "response_matrix.nc")
+    b = load_response_matrix(reference / "response_matrix.nc")
+    for name in ("chi", "ci_low", "ci_high", "status"):
+        xr.testing.assert_equal(a[name], b[name])
+    xr.testing.assert_identical(a, b)
+    # No partial or temporary files remain; both folders hold the same files.
+    left = [p for p in killed.rglob("*") if p.suffix == ".tmp" or ".tmp" in p.name]
+    assert left == []
+
+    def names(d):
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+    assert names(killed) == names(reference)

@@ -1,0 +1,407 @@
+"""A self-contained HTML report of a run folder (the ``bayes-susc demo`` layout).
+
+:func:`write_report` reads ``response_matrix.nc``, ``components/*.nc``, ``summary.json``
+and ``head_roles.nc`` (recomputed from ``model.pt`` when missing and the run is a demo
+run) and writes ``report.html``: settings, status counts, a convergence table, the heat
+map with flagged cells, PCA (scores coloured by data set, loadings, explained variance),
+k-means clusters of the PCA scores with example tokens in context, trace plots of φ, and
+the head-role scores beside the PC loadings with their correlations. Figures are PNGs
+embedded as base64 (and also saved under ``figures/``), so the HTML file stands alone.
+Every number shown comes from :mod:`bayes_susc.response_matrix`, the stored draws or
+:mod:`bayes_susc.head_roles`; this module only lays them out.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import string
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from bayes_susc.storage import atomic_write
+
+__all__ = ["SECTIONS", "induction_separation", "write_report"]
+
+#: Section headings of the report, in order.
+SECTIONS = (
+    "Settings",
+    "Status counts",
+    "Convergence",
+    "Response matrix",
+    "Principal components",
+    "Explained variance",
+    "Clusters",
+    "Trace plots",
+    "Head roles",
+)
+
+_PAGE = string.Template(
+    """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>$title</title>
+<style>
+body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:0.6em 0;font-size:0.9em}
+td,th{border:1px solid #ccc;padding:2px 7px;text-align:right}
+th{background:#f3f3f3} td.l,th.l{text-align:left}
+code,.ctx{font-family:monospace;white-space:pre}
+img{max-width:100%;display:block;margin:0.6em 0}
+.note{color:#555;font-size:0.9em}
+</style></head><body>
+<h1>$title</h1>
+<p class="note">Run folder: <code>$run_dir</code>. Generated: $generated</p>
+$body
+</body></html>
+"""
+)
+
+
+def write_report(run_dir: str | Path, *, n_clusters: int = 4, n_examples: int = 5) -> Path:
+    """Build ``run_dir/report.html`` from the results in ``run_dir``; returns its path.
+
+    Args:
+        run_dir: a run folder holding at least ``response_matrix.nc``.
+        n_clusters: number of k-means clusters of the probes' PCA scores.
+        n_examples: example tokens shown per cluster.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no ``response_matrix.nc``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bayes_susc import plots
+    from bayes_susc.response_matrix import (
+        cluster,
+        cluster_examples,
+        load_response_matrix,
+        pca,
+    )
+    from bayes_susc.storage import load
+
+    run_dir = Path(run_dir)
+    matrix_path = run_dir / "response_matrix.nc"
+    if not matrix_path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no response_matrix.nc: run `bayes-susc demo --out {run_dir}` "
+            "(it resumes an unfinished run) before building its report"
+        )
+    matrix = load_response_matrix(matrix_path)
+    summary = _read_json(run_dir / "summary.json")
+    runs = {p.stem: load(p) for p in sorted((run_dir / "components").glob("*.nc"))}
+    roles = _head_roles(run_dir, summary)
+    figures = run_dir / "figures"
+    figures.mkdir(exist_ok=True)
+
+    def figure(fig, name: str, alt: str) -> str:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
+        plt.close(fig)
+        png = buf.getvalue()
+        atomic_write(figures / f"{name}.png", lambda tmp: Path(tmp).write_bytes(png))
+        data = base64.b64encode(png).decode("ascii")
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+    comps = [str(c) for c in matrix["component"].values]
+    n_pc = min(3, len(comps))
+    # As in the demo: PCA on every finite entry (most entries of a short run fail R-hat,
+    # and a fill-in model fitted to the few converged ones would shape the components).
+    res = pca(matrix, n_components=n_pc, weights=None)
+    k = max(1, min(n_clusters, int(res["used"].sum())))
+    labels = cluster(res, n_clusters=k, method="kmeans", random_state=0)
+    labels.name = "cluster"
+    examples = cluster_examples(res, labels, k=n_examples)
+
+    parts: list[str] = []
+    sec = iter(SECTIONS)
+
+    def heading(extra: str = "") -> None:
+        parts.append(f"<h2>{html.escape(next(sec))}</h2>{extra}")
+
+    heading()
+    parts.append(_settings_table(summary, matrix, roles))
+    heading()
+    parts.append(_status_table(matrix))
+    heading()
+    parts.append(_convergence_table(matrix, runs))
+    heading(
+        '<p class="note">χ per probe token (rows) and head (columns); × marks an entry '
+        "whose status is not ok.</p>"
+    )
+    parts.append(figure(plots.heatmap(matrix), "heatmap", "heat map of chi"))
+    heading(
+        '<p class="note">PCA of the column-standardized matrix (all finite entries). '
+        "The sign of each PC is arbitrary.</p>"
+    )
+    parts.append(figure(plots.pca_scatter(res, color_by="dataset"), "pca_scatter", "PCA scores"))
+    parts.append(figure(plots.pca_loadings(res), "pca_loadings", "PCA loadings"))
+    heading()
+    parts.append(figure(plots.explained_variance(res), "explained_variance", "scree plot"))
+    heading(
+        f'<p class="note">k-means (k = {k}) on the probes\' PCA scores; the '
+        f"{n_examples} probes nearest each centroid, token marked ⟦…⟧.</p>"
+    )
+    parts.append(figure(plots.pca_scatter(res, color_by=labels), "pca_clusters", "clusters"))
+    parts.append(_cluster_table(labels, examples))
+    heading()
+    parts.append(_traces(runs, plots, plt, figure))
+    heading()
+    parts.append(_roles_section(roles, res))
+
+    title = "bayes_susc report"
+    page = _PAGE.substitute(
+        title=title,
+        run_dir=html.escape(str(run_dir)),
+        generated=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        body="\n".join(parts),
+    )
+    out = run_dir / "report.html"
+    atomic_write(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _head_roles(run_dir: Path, summary: dict) -> xr.Dataset | None:
+    path = run_dir / "head_roles.nc"
+    if path.is_file():
+        with xr.open_dataset(path, engine="netcdf4") as f:
+            return f.load()
+    if (run_dir / "model.pt").is_file() and "settings" in summary:
+        from bayes_susc.demo import DemoSettings, demo_head_roles, load_demo_model
+
+        settings = DemoSettings(**summary["settings"])
+        return demo_head_roles(load_demo_model(run_dir, settings), settings)
+    return None
+
+
+def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
+    """HTML table; the first ``left`` columns are left-aligned text. Cells are escaped."""
+
+    def cell(tag: str, j: int, v: Any) -> str:
+        cls = ' class="l"' if j < left else ""
+        return f"<{tag}{cls}>{html.escape(_fmt(v))}</{tag}>"
+
+    head = "".join(cell("th", j, h) for j, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(cell("td", j, v) for j, v in enumerate(r)) + "</tr>" for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (float, np.floating)):
+        if not np.isfinite(v):
+            return "–"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _settings_table(summary: dict, matrix: xr.Dataset, roles: xr.Dataset | None) -> str:
+    rows = [[k, v] for k, v in summary.get("settings", {}).items()]
+    out = "<h3>Run</h3>" + (_table(["setting", "value"], rows, 2) if rows else "<p>–</p>")
+    keys = ("estimator", "method", "confidence", "min_ess", "max_rhat", "fdr", "seed")
+    rows = [[key, matrix.attrs[key]] for key in keys if key in matrix.attrs]
+    rows.append(["shape (probes × components)", " × ".join(map(str, matrix["chi"].shape))])
+    out += "<h3>Response matrix</h3>" + _table(["setting", "value"], rows, 2)
+    if roles is not None:
+        rows = [[key, v] for key, v in roles.attrs.items()]
+        out += "<h3>Head-role scores</h3>" + _table(["setting", "value"], rows, 2)
+    return out
+
+
+def _status_table(matrix: xr.Dataset) -> str:
+    status = matrix["status"].transpose("probe", "component").values
+    names = sorted(set(status.ravel().tolist()), key=lambda s: (s != "ok", s))
+    comps = [str(c) for c in matrix["component"].values]
+    rows = [[c] + [int((status[:, j] == n).sum()) for n in names] for j, c in enumerate(comps)]
+    rows.append(["all"] + [int((status == n).sum()) for n in names])
+    return _table(["component", *names], rows)
+
+
+def _convergence_table(matrix: xr.Dataset, runs: dict) -> str:
+    import arviz as az
+
+    from bayes_susc.storage import get_group
+
+    ok = (matrix["status"] == "ok").mean("probe")
+    ess = matrix["ess"] if "ess" in matrix else matrix["ess_bulk"]
+    rows = []
+    for c in [str(c) for c in matrix["component"].values]:
+        phi_rhat = phi_ess = mean_phi = np.nan
+        div = (
+            int(matrix["num_diverged_chains"].sel(component=c))
+            if "num_diverged_chains" in matrix
+            else "–"
+        )
+        if c in runs:
+            post = get_group(runs[c], "posterior")
+            phi = post["phi"].transpose("chain", "draw").values
+            mean_phi = float(np.nanmean(phi))
+            phi_rhat, phi_ess = float(az.rhat(phi)), float(az.ess(phi))
+            stats = get_group(runs[c], "sample_stats")
+            if "diverged" in stats:
+                div = int(stats["diverged"].any("draw").sum())
+        rows.append(
+            [
+                c,
+                mean_phi,
+                phi_rhat,
+                phi_ess,
+                div,
+                float(ess.sel(component=c).median()),
+                float(ok.sel(component=c)),
+            ]
+        )
+    note = (
+        '<p class="note">R-hat and ESS of φ are ArviZ\'s rank-normalized split R-hat and '
+        f"bulk ESS; an entry is ok when it passes R-hat ≤ {matrix.attrs.get('max_rhat', '?')}, "
+        f"ESS ≥ {matrix.attrs.get('min_ess', '?')}, its interval excludes 0 and Benjamini–"
+        "Hochberg rejects χ = 0. Low ok fractions: sample longer (num_draws) or more chains."
+        "</p>"
+    )
+    header = [
+        "component",
+        "mean φ",
+        "R-hat φ",
+        "ESS φ",
+        "diverged chains",
+        "median entry ESS",
+        "fraction ok",
+    ]
+    return note + _table(header, rows)
+
+
+def _cluster_table(labels: xr.DataArray, examples) -> str:
+    sizes = {int(c): int((labels.values == c).sum()) for c in np.unique(labels.values)}
+    rows = []
+    for rec in examples.itertuples(index=False):
+        rows.append(
+            [
+                f"{rec.cluster} (n={sizes.get(int(rec.cluster), 0)})",
+                getattr(rec, "dataset", ""),
+                repr(str(rec.token)) if hasattr(rec, "token") else rec.probe,
+                _visible(str(getattr(rec, "context", ""))),
+            ]
+        )
+    header = ["cluster", "data set", "token", "context"]
+    table = _table(header, rows, 4)
+    # Context cells keep their spacing.
+    return table.replace('<td class="l">⟪', '<td class="l ctx">').replace("⟫</td>", "</td>")
+
+
+def _visible(text: str) -> str:
+    """Show line breaks and tabs of a context as symbols (marked for the ctx style)."""
+    return "⟪" + text.replace("\n", "↵").replace("\r", "␍").replace("\t", "→") + "⟫"
+
+
+def _traces(runs: dict, plots, plt, figure) -> str:
+    if not runs:
+        return "<p>No component files.</p>"
+    names = list(runs)
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), layout="constrained")
+    axes = np.atleast_1d(axes)
+    for ax, name in zip(axes, names):
+        plots.trace(runs[name], "phi", ax=ax)
+        ax.set_title(name)
+    return '<p class="note">φ per kept draw, chains overlaid.</p>' + figure(
+        fig, "trace_phi", "trace plots of phi"
+    )
+
+
+def induction_separation(loadings: xr.DataArray, scores: xr.DataArray, n_top: int) -> xr.DataArray:
+    """How well each PC's loadings separate the ``n_top`` highest-scoring heads from the rest.
+
+    For each ``pc``: the margin min(top) − max(rest) of the loadings, or of the negated
+    loadings when that is larger (the sign of a PC is arbitrary), divided by the range of
+    the loadings. A positive margin means the PC alone puts the top heads apart from all
+    others; 1 is the largest possible.
+
+    Args:
+        loadings: (component, pc) from :func:`bayes_susc.response_matrix.pca`.
+        scores: a head-role score over ``component`` (e.g. ``induction``).
+        n_top: number of top-scoring heads (1 ≤ n_top < number of heads).
+    """
+    comps = [str(c) for c in loadings["component"].values]
+    s = scores.sel(component=comps).values
+    if not 1 <= n_top < len(comps):
+        raise ValueError(f"n_top must be in [1, {len(comps) - 1}], got {n_top}")
+    top = np.zeros(len(comps), dtype=bool)
+    top[np.argsort(-s, kind="stable")[:n_top]] = True
+    margins = []
+    for pc in loadings["pc"].values:
+        x = loadings.sel(pc=pc).transpose("component").values
+        span = np.ptp(x) if np.ptp(x) > 0 else 1.0
+        m = max(x[top].min() - x[~top].max(), (-x)[top].min() - (-x)[~top].max())
+        margins.append(m / span)
+    return xr.DataArray(np.array(margins), dims="pc", coords={"pc": loadings["pc"].values})
+
+
+def _roles_section(roles: xr.Dataset | None, res: xr.Dataset) -> str:
+    if roles is None:
+        return "<p>No head-role scores (no head_roles.nc and no demo model in this folder).</p>"
+    from bayes_susc.head_roles import ROLE_SCORES
+
+    load = res["loadings"].transpose("component", "pc")
+    comps = [str(c) for c in load["component"].values]
+    names = [n for n in ROLE_SCORES if n in roles]
+    pcs = [int(p) for p in load["pc"].values]
+    r = roles.sel(component=comps)
+    rows = [
+        [c]
+        + [float(load.sel(component=c, pc=p)) for p in pcs]
+        + [float(r[n].sel(component=c)) for n in names]
+        for c in comps
+    ]
+    note = (
+        '<p class="note">Role scores are mean attention probabilities in [0, 1] '
+        "(bayes_susc.head_roles): previous token (q→q−1), induction and duplicate token "
+        "(random block repeated twice: q→q−L+1 and q→q−L), first token (q→0), self (q→q). "
+        "Left: each head's loading on the principal components of the response matrix.</p>"
+    )
+    out = note + _table(["component", *[f"PC{p} loading" for p in pcs], *names], rows)
+    corr_rows = []
+    for n in names:
+        v = r[n].values
+        row: list[Any] = [n]
+        for p in pcs:
+            x = load.sel(pc=p).values
+            ok = np.isfinite(x) & np.isfinite(v)
+            if ok.sum() > 2 and np.std(x[ok]) > 0 and np.std(v[ok]) > 0:
+                row.append(float(np.corrcoef(x[ok], v[ok])[0, 1]))
+            else:
+                row.append(float("nan"))
+        corr_rows.append(row)
+    out += (
+        "<h3>Correlation of role scores with PC loadings (across heads)</h3>"
+        f'<p class="note">Pearson r over {len(comps)} heads; the sign follows the arbitrary '
+        "sign of each PC, so read |r|.</p>" + _table(["score", *[f"PC{p}" for p in pcs]], corr_rows)
+    )
+    if len(comps) >= 3 and "induction" in names:
+        n_top = max(1, len(comps) // 4)
+        sep = induction_separation(load, r["induction"], n_top)
+        top = [comps[i] for i in np.argsort(-r["induction"].values, kind="stable")[:n_top]]
+        out += (
+            "<h3>Do the principal components separate the induction heads?</h3>"
+            f'<p class="note">Top {n_top} head(s) by induction score: '
+            f"{html.escape(', '.join(top))}. "
+            "Margin = gap between their loadings and all other heads' on one PC, over "
+            "the loading range; positive = separated.</p>"
+            + _table(["PC", "margin"], [[f"PC{p}", float(sep.sel(pc=p))] for p in pcs])
+        )
+    return out

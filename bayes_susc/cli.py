@@ -72,5 +72,14 @@ def report(
     typer.echo(f"report: {path}")
 
 
+def _register_calibrate() -> None:
+    from bayes_susc.calibration import calibrate_command
+
+    app.command("calibrate")(calibrate_command)
+
+
+_register_calibrate()
+
+
 if __name__ == "__main__":
     app()

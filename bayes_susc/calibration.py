@@ -72,7 +72,7 @@ from bayes_susc.components import Component, ResolvedComponent
 from bayes_susc.health import HealthReport, check_health
 from bayes_susc.posterior import LocalPosterior, LossFn
 from bayes_susc.sampling import DivergenceWarning, sample
-from bayes_susc.storage import get_group
+from bayes_susc.storage import get_group, to_jsonable
 from bayes_susc.validation import check_int, check_nonnegative, check_positive
 
 __all__ = [
@@ -277,7 +277,7 @@ class CalibrationResult:
         reports: dict[str, dict[str, Any]] = {}
         for (comp, setting), report in self.reports.items():
             reports.setdefault(comp, {})[setting.label] = report.to_dict()
-        return _jsonable(
+        return to_jsonable(
             {
                 "config": dict(self.config),
                 "recommended": self.recommended.to_dict(),
@@ -316,25 +316,6 @@ class CalibrationResult:
 
 def _priority(name: str) -> int:
     return _PRIORITY.index(name) if name in _PRIORITY else len(_PRIORITY)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        x = float(obj)
-        return x if math.isfinite(x) else None
-    if obj is None or isinstance(obj, str):
-        return obj
-    return str(obj)
 
 
 # -------------------------------------------------------------------------- validation

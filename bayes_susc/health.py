@@ -88,7 +88,7 @@ from bayes_susc.kernels.base import NoiseSource
 from bayes_susc.kernels.diffusions import overdamped_step
 from bayes_susc.kernels.mala import metropolis_log_ratio
 from bayes_susc.posterior import Batch, LocalPosterior
-from bayes_susc.storage import get_group, group_names
+from bayes_susc.storage import get_group, group_names, to_jsonable
 from bayes_susc.validation import check_finite, check_int, check_positive
 
 __all__ = [
@@ -158,10 +158,10 @@ class Verdict:
         return {
             "name": self.name,
             "status": self.status,
-            "value": _jsonable(self.value),
+            "value": to_jsonable(self.value),
             "message": self.message,
             "action": self.action,
-            "details": _jsonable(dict(self.details)),
+            "details": to_jsonable(dict(self.details)),
         }
 
 
@@ -227,7 +227,7 @@ class HealthReport:
             "component": self.component,
             "status": self.status,
             "ok": self.ok,
-            "info": _jsonable(dict(self.info)),
+            "info": to_jsonable(dict(self.info)),
             "verdicts": [v.to_dict() for v in self.verdicts],
         }
 
@@ -316,23 +316,6 @@ def _fmt(value: float | None) -> str:
     if value == 0 or 1e-3 <= abs(value) < 1e5:
         return f"{value:.4g}"
     return f"{value:.3e}"
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer, int)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        x = float(obj)
-        return x if math.isfinite(x) else None
-    return obj
 
 
 # ---------------------------------------------------------------------- reading a run

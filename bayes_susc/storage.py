@@ -11,6 +11,7 @@ temporary file in the same folder, then renamed over the target.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import warnings
@@ -18,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import xarray as xr
 
 Backend = Literal["inferencedata", "datatree"]
@@ -78,6 +80,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` with NumPy arrays and scalars as Python values, non-finite floats as None
+    (strict JSON has no NaN) and anything else unknown as its ``str``."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        x = float(obj)
+        return x if math.isfinite(x) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)
 
 
 def save(data: Any, path: str | os.PathLike) -> Path:

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from scipy import special
 
+from bayes_susc.storage import to_jsonable
+
 
 def wilson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion; (nan, nan) when trials is 0."""
@@ -39,18 +41,4 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def write_json(path: Path, obj: Any) -> None:
     """JSON with NaN written as null and numpy scalars as Python numbers."""
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, dict):
-            return {str(k): clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        if isinstance(x, np.ndarray):
-            return clean(x.tolist())
-        if isinstance(x, (np.integer,)):
-            return int(x)
-        if isinstance(x, (float, np.floating)):
-            return None if not np.isfinite(x) else float(x)
-        return x
-
-    path.write_text(json.dumps(clean(obj), indent=1))
+    path.write_text(json.dumps(to_jsonable(obj), indent=1))

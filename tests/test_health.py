@@ -17,8 +17,7 @@ import xarray as xr
 
 import bayes_susc
 from bayes_susc import DivergenceWarning
-from bayes_susc.components import Component
-from bayes_susc.ground_truth import LinearGaussianProblem
+from bayes_susc.ground_truth import LinearGaussianProblem, torch_local_posterior
 from bayes_susc.health import (
     HealthReport,
     check_health,
@@ -40,21 +39,7 @@ def _loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> to
 
 
 def _posterior(problem: LinearGaussianProblem) -> LocalPosterior:
-    p = problem.X_train.shape[1]
-    model = torch.nn.Linear(p, 1, bias=False).double()
-    with torch.no_grad():
-        model.weight.copy_(_t(problem.w_star)[None])
-    mask = torch.zeros(1, p, dtype=torch.bool)
-    mask[0, problem.free.tolist()] = True
-    train = [(_t(problem.X_train), _t(problem.y_train))]
-    return LocalPosterior(
-        model,
-        _loss_fn,
-        train,
-        Component("S", {"weight": mask}),
-        nbeta=problem.nbeta,
-        gamma=problem.gamma,
-    )
+    return torch_local_posterior(problem)[0]
 
 
 def _sample(problem: LinearGaussianProblem, posterior: LocalPosterior, kernel="sgld", **kw):

@@ -24,12 +24,12 @@ import pytest
 import torch
 
 import bayes_susc
-from bayes_susc.components import Component
 from bayes_susc.ground_truth import (
     LinearGaussianProblem,
     preconditioned_sgld_stationary_cov,
     sghmc_stationary_cov,
     sgld_stationary_cov,
+    torch_local_posterior,
 )
 from bayes_susc.posterior import LocalPosterior
 
@@ -71,26 +71,7 @@ def problem() -> LinearGaussianProblem:
 
 @pytest.fixture(scope="module")
 def posterior(problem: LinearGaussianProblem) -> LocalPosterior:
-    p = problem.X_train.shape[1]
-    model = torch.nn.Linear(p, 1, bias=False).double()
-    with torch.no_grad():
-        model.weight.copy_(_as_tensor(problem.w_star)[None])
-    mask = torch.zeros(1, p, dtype=torch.bool)
-    mask[0, problem.free.tolist()] = True
-
-    def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        X, y = batch
-        return 0.5 * (y - m(X).squeeze(-1)) ** 2
-
-    train = [(_as_tensor(problem.X_train), _as_tensor(problem.y_train))]
-    return LocalPosterior(
-        model,
-        loss_fn,
-        train,
-        Component("S", {"weight": mask}),
-        nbeta=problem.nbeta,
-        gamma=problem.gamma,
-    )
+    return torch_local_posterior(problem)[0]
 
 
 def _lambda_max(problem: LinearGaussianProblem) -> float:

@@ -144,3 +144,60 @@ def step_size_study(
         runs.append(data)
         estimates.append(estimate(data, **(estimate_kwargs or {})))
     return extrapolate(estimates, [step_size * f for f in factors]), runs
+
+
+def stiffest_curvature(
+    posterior: Any,
+    batch: Any = None,
+    *,
+    iters: int = 100,
+    rtol: float = 1e-6,
+    seed: int = 0,
+) -> float:
+    """Largest eigenvalue λ of the Hessian ∇²U at w* (units: 1 / weight²).
+
+    Power iteration with exact Hessian–vector products (double backward through the
+    model) of U = nβ·L̂_B + (γ/2)‖v − v*‖² on ``batch`` (default: the first training
+    batch). Power iteration finds the eigenvalue of largest magnitude; at a trained
+    minimum that is the stiffest positive curvature. It sets SGLD's step-size bias:
+    along that direction the stationary variance is inflated by ελ/(4 − ελ) (see
+    :func:`sgld_variance_inflation`), and ελ ≥ 4 is unstable.
+    """
+    import torch
+
+    iters = int(iters)
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    batch = posterior.train_batches[0] if batch is None else batch
+    v = posterior.anchor_vector.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = posterior.item_losses(v, batch).mean()
+        delta = v - posterior.anchor_vector
+        potential = posterior.nbeta * loss + 0.5 * posterior.gamma * (delta * delta).sum()
+        (grad,) = torch.autograd.grad(potential, v, create_graph=True)
+        gen = torch.Generator(device=v.device).manual_seed(seed)
+        u = torch.randn(v.shape, generator=gen, device=v.device, dtype=v.dtype)
+        u = u / u.norm()
+        eigenvalue = 0.0
+        for _ in range(iters):
+            (hu,) = torch.autograd.grad(grad, v, grad_outputs=u, retain_graph=True)
+            new = float(u @ hu)
+            norm = hu.norm()
+            if not torch.isfinite(norm) or norm == 0:
+                return new
+            u = (hu / norm).detach()
+            if abs(new - eigenvalue) <= rtol * abs(new):
+                return new
+            eigenvalue = new
+    return eigenvalue
+
+
+def sgld_variance_inflation(step_size: float, curvature: float) -> float:
+    """Relative excess variance of full-batch SGLD along a direction of curvature λ.
+
+    On a quadratic potential the stationary variance is 1/(λ − ελ²/4) instead of 1/λ,
+    i.e. larger by the factor 1 + ελ/(4 − ελ); returns ελ/(4 − ελ) (``inf`` when
+    ελ ≥ 4, the chain is unstable).
+    """
+    x = float(step_size) * float(curvature)
+    return float("inf") if x >= 4.0 else x / (4.0 - x)

@@ -178,6 +178,46 @@ def test_recommended_setting_gives_the_exact_chain_chi(gaussian_result, problem,
     assert np.all(np.abs(z) < 4), z
 
 
+def test_max_step_bias_bounds_the_recommendation(problem, pieces, gaussian_result):
+    """With max_step_bias the rule avoids the biased fast setting the default picks."""
+    posterior, eval_batches, probe_batches = pieces
+    res = calibrate(
+        posterior.model,
+        posterior.loss_fn,
+        posterior.train_batches,
+        posterior.component,
+        eval_data=eval_batches,
+        probe_data=probe_batches,
+        step_sizes=(1e-4, 3e-4, 1e-3),
+        nbetas=(30.0,),
+        gammas=GAMMAS,
+        num_chains=4,
+        num_draws=100,
+        num_burnin=50,
+        seed=0,
+        max_step_bias=0.1,
+    )
+    # step_bias is the closed form ελ/(4 − ελ), λ the top eigenvalue of K(γ).
+    for (eps, nbeta, gamma), row in res.settings.iterrows():
+        target = dataclasses.replace(problem, nbeta=nbeta, gamma=gamma)
+        lam = np.linalg.eigvalsh(target.K).max()
+        assert row["max_step_bias"] == pytest.approx(eps * lam / (4 - eps * lam), rel=1e-4)
+        assert row["step_bias_fail"] == (row["max_step_bias"] > 0.1)
+
+    def chi_error(setting) -> float:
+        target = dataclasses.replace(problem, nbeta=setting.nbeta, gamma=setting.gamma)
+        post = target.chi_posterior()
+        return np.abs(target.chi_sgld(setting.step_size) - post).max() / np.abs(post).max()
+
+    rec = res.recommended
+    assert res.settings.loc[(rec.step_size, rec.nbeta, rec.gamma), "max_step_bias"] <= 0.1
+    # The bounded choice's chain χ is within 10% of the posterior χ (closed forms);
+    # the default rule's choice on the same problem is off by more than 30%.
+    assert chi_error(rec) < 0.10
+    assert chi_error(gaussian_result.recommended) > 0.30
+    assert "step-size bias" in res.summary()
+
+
 def test_nothing_passes_recommends_least_bad_with_actions(pieces):
     posterior, eval_batches, probe_batches = pieces
     res = calibrate(

@@ -8,10 +8,17 @@ import xarray as xr
 
 from bayes_susc.ground_truth import (
     LinearGaussianProblem,
+    sgld_stationary_cov,
     simulate_sgld,
     torch_local_posterior,
 )
-from bayes_susc.step_size_bias import extrapolate, richardson_weights, step_size_study
+from bayes_susc.step_size_bias import (
+    extrapolate,
+    richardson_weights,
+    sgld_variance_inflation,
+    step_size_study,
+    stiffest_curvature,
+)
 from bayes_susc.susceptibility import estimate
 
 
@@ -136,3 +143,19 @@ def test_mismatched_estimates_rejected():
         extrapolate([a, b], [1e-3, 5e-4])
     with pytest.raises(ValueError, match="pair up"):
         extrapolate([a], [1e-3, 5e-4])
+
+
+def test_stiffest_curvature_is_the_top_eigenvalue_of_K(problem):
+    posterior, _, _ = torch_local_posterior(problem)
+    lam = np.linalg.eigvalsh(problem.K).max()
+    assert stiffest_curvature(posterior) == pytest.approx(lam, rel=1e-5)
+
+
+def test_variance_inflation_is_exact_along_the_stiffest_direction(problem):
+    lam, vecs = np.linalg.eigh(problem.K)
+    top = vecs[:, -1]
+    for eps in (1e-4, 1e-3, 5e-3):
+        stationary = top @ sgld_stationary_cov(problem.K, eps) @ top
+        exact = stationary * lam[-1] - 1.0  # posterior variance along top is 1/λ
+        assert sgld_variance_inflation(eps, lam[-1]) == pytest.approx(exact, rel=1e-9)
+    assert sgld_variance_inflation(4.0 / lam[-1], lam[-1]) == float("inf")

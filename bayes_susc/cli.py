@@ -64,7 +64,7 @@ def report(
     if not (run_dir / "response_matrix.nc").is_file():
         typer.echo(
             f"error: {run_dir} has no response_matrix.nc; run `bayes-susc demo --out {run_dir}` "
-            "first (it resumes an unfinished run)",
+            "or `bayes-susc run CONFIG --out ...` first (both resume an unfinished run)",
             err=True,
         )
         raise typer.Exit(code=1)
@@ -79,6 +79,15 @@ def _register_calibrate() -> None:
 
 
 _register_calibrate()
+
+
+def _register_run() -> None:
+    from bayes_susc.run_config import run_command
+
+    app.command("run")(run_command)
+
+
+_register_run()
 
 
 if __name__ == "__main__":

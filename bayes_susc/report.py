@@ -182,9 +182,13 @@ def _head_roles(run_dir: Path, summary: dict) -> xr.Dataset | None:
     if path.is_file():
         with xr.open_dataset(path, engine="netcdf4") as f:
             return f.load()
-    if (run_dir / "model.pt").is_file() and "settings" in summary:
-        from bayes_susc.demo import DemoSettings, demo_head_roles, load_demo_model
+    from dataclasses import fields
 
+    from bayes_susc.demo import DemoSettings, demo_head_roles, load_demo_model
+
+    # Only a demo run's settings rebuild its model; a user's run may keep a model.pt too.
+    demo_keys = {f.name for f in fields(DemoSettings)}
+    if (run_dir / "model.pt").is_file() and set(summary.get("settings", {})) == demo_keys:
         settings = DemoSettings(**summary["settings"])
         return demo_head_roles(load_demo_model(run_dir, settings), settings)
     return None

@@ -65,6 +65,54 @@ def _demo_model(s: DemoSettings):
     return AttnOnlyTransformer(cfg, generator=s.seed)
 
 
+def trained_demo_model(out: Path, s: DemoSettings):
+    """The run folder's demo model in eval mode: loaded from ``out/model.pt`` (with
+    ``weights_only=True``), or trained from ``s`` and saved there atomically first."""
+    from bayes_susc.models.corpus import mixed_corpus
+    from bayes_susc.models.train import train
+
+    out = Path(out)
+    checkpoint = out / "model.pt"
+    if checkpoint.exists():
+        return load_demo_model(out, s)
+    torch.manual_seed(s.seed)
+    model = _demo_model(s)
+    tokens, _ = mixed_corpus(s.n_train, s.seq_len, seed=s.seed)
+    train(model, tokens, steps=s.train_steps, batch_size=s.batch_size, lr=3e-3, seed=s.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(checkpoint, lambda tmp: torch.save(model.state_dict(), tmp))
+    return model.eval()
+
+
+def calibration_inputs(
+    run_dir: str = "runs/demo", heads: tuple[str, ...] = ("L0H0", "L1H0"), n_probe: int = 2
+) -> dict:
+    """Inputs of :func:`bayes_susc.calibration.calibrate` for the demo model (the factory
+    of ``examples/calibrate_demo.toml``): the run folder's model (trained first if the
+    folder has none), its training batches and evaluation set, ``n_probe`` probe
+    sequences, and the named heads."""
+    from bayes_susc.models.attn_only import head_components, next_token_loss
+    from bayes_susc.models.corpus import mixed_corpus
+
+    s = DemoSettings()
+    model = trained_demo_model(Path(run_dir), s)
+    by_name = {c.name: c for c in head_components(model)}
+    unknown = sorted(set(heads) - set(by_name))
+    if unknown:
+        raise ValueError(f"heads {unknown} are not demo heads; choose from {sorted(by_name)}")
+    train_tokens, _ = mixed_corpus(s.n_train, s.seq_len, seed=s.seed)
+    eval_tokens, _ = mixed_corpus(s.n_eval, s.seq_len, seed=s.seed + 1)
+    probe_tokens, _ = mixed_corpus(n_probe, s.seq_len, seed=s.seed + 2)
+    return {
+        "model": model,
+        "loss_fn": next_token_loss,
+        "train_data": list(train_tokens.split(s.batch_size)),
+        "eval_data": eval_tokens,
+        "probe_data": probe_tokens,
+        "components": [by_name[h] for h in heads],
+    }
+
+
 def load_demo_model(out: Path, settings: DemoSettings):
     """The trained demo model of run folder ``out`` (from ``out/model.pt``), in eval mode."""
     model = _demo_model(settings)
@@ -98,22 +146,12 @@ def run_demo(
 
     from bayes_susc.models.attn_only import head_components, next_token_loss
     from bayes_susc.models.corpus import decode, mixed_corpus
-    from bayes_susc.models.train import train
 
     s = settings or DemoSettings()
     out = Path(out)
     (out / "components").mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
-    torch.manual_seed(s.seed)
-    model = _demo_model(s)
-    checkpoint = out / "model.pt"
-    if checkpoint.exists():
-        model.load_state_dict(torch.load(checkpoint, weights_only=True))
-    else:
-        tokens, _ = mixed_corpus(s.n_train, s.seq_len, seed=s.seed)
-        train(model, tokens, steps=s.train_steps, batch_size=s.batch_size, lr=3e-3, seed=s.seed)
-        atomic_write(checkpoint, lambda tmp: torch.save(model.state_dict(), tmp))
-    model.eval()
+    model = trained_demo_model(out, s)
     roles_path = out / "head_roles.nc"
     if roles_path.exists():
         with xr.open_dataset(roles_path, engine="netcdf4") as f:

@@ -63,7 +63,15 @@ from bayes_susc.storage import atomic_write
 from bayes_susc.validation import check_finite, check_fraction, check_int, check_nonnegative
 
 #: Reasons an entry is unreliable, in the order they are checked (the first one wins).
-STATUS_REASONS = ("diverged", "nonfinite", "rhat", "ess", "ci_contains_zero", "not_significant_bh")
+STATUS_REASONS = (
+    "diverged",
+    "nonfinite",
+    "rhat",
+    "ess",
+    "step_size_bias",
+    "ci_contains_zero",
+    "not_significant_bh",
+)
 #: Reasons that say the estimate itself cannot be trusted (not merely "not different from 0").
 CONVERGENCE_REASONS = ("diverged", "nonfinite", "rhat", "ess")
 
@@ -138,8 +146,11 @@ def assign_status(
     4. ``"ess"``: ``min(ess_bulk, ess_tail) < min_ess`` or NaN (a lone ``ess`` variable is
        used when the two are absent). Default 100: the package's coverage study finds
        nominal interval coverage from ESS ≈ 100.
-    5. ``"ci_contains_zero"``: ``ci_low <= 0 <= ci_high``.
-    6. ``"not_significant_bh"``: not rejected by Benjamini–Hochberg at level ``fdr``
+    5. ``"step_size_bias"``: the matrix holds ``bias_exceeds_interval`` (from
+       :func:`bayes_susc.step_size_bias.attach_bias`) and it is True: the estimated
+       step-size bias is larger than the entry's interval half-width.
+    6. ``"ci_contains_zero"``: ``ci_low <= 0 <= ci_high``.
+    7. ``"not_significant_bh"``: not rejected by Benjamini–Hochberg at level ``fdr``
        (``statsmodels`` ``multipletests(method="fdr_bh")``).
 
     The Benjamini–Hochberg family is every entry with finite estimates (all entries not
@@ -171,6 +182,7 @@ def assign_status(
     bad_rhat = ~(ds["rhat"] <= max_rhat)  # NaN R-hat is a failure too
     bad_ess = ~(ess >= min_ess)
     contains_zero = (ds["ci_low"] <= 0) & (ds["ci_high"] >= 0)
+    biased = ds["bias_exceeds_interval"] if "bias_exceeds_interval" in ds else xr.zeros_like(chi)
 
     p = ds["p_value"].broadcast_like(template).transpose(*_DIMS).values.astype(float)
     family = ~nonfinite.broadcast_like(template).transpose(*_DIMS).values
@@ -190,7 +202,7 @@ def assign_status(
 
     conds = [
         c.broadcast_like(template).transpose(*_DIMS).values.astype(bool)
-        for c in (diverged, nonfinite, bad_rhat, bad_ess, contains_zero, not_sig)
+        for c in (diverged, nonfinite, bad_rhat, bad_ess, biased, contains_zero, not_sig)
     ]
     names = np.array(("ok",) + STATUS_REASONS)
     status = names[np.select(conds, list(range(1, len(names))), default=0)]

@@ -96,6 +96,39 @@ def extrapolate(estimates: Sequence[xr.Dataset], step_sizes: Sequence[float]) ->
     return out
 
 
+def attach_bias(matrix: xr.Dataset, extrapolated: xr.Dataset, **status_kwargs: Any) -> xr.Dataset:
+    """The response matrix with the step-size bias of each entry, statuses re-assigned.
+
+    Args:
+        matrix: a response matrix over (probe, component) at the user's ε (e.g. from
+            :func:`bayes_susc.response_matrix.build_response_matrix`).
+        extrapolated: :func:`extrapolate` of ``estimate_many`` results at ε, ε/2 (...),
+            over the same (probe, component).
+        **status_kwargs: thresholds for :func:`~bayes_susc.response_matrix.assign_status`.
+
+    Returns:
+        ``matrix`` plus ``chi_extrapolated``, ``ci_low_extrapolated``,
+        ``ci_high_extrapolated``, ``bias`` and ``bias_exceeds_interval``; an entry whose
+        bias exceeds its interval gets status ``"step_size_bias"`` (after the convergence
+        reasons).
+    """
+    from bayes_susc.response_matrix import assign_status
+
+    if extrapolated["chi"].shape != matrix["chi"].shape:
+        raise ValueError(
+            f"extrapolated covers shape {extrapolated['chi'].shape}, the matrix "
+            f"{matrix['chi'].shape}: pass estimates of the same (probe, component) entries"
+        )
+    out = matrix.copy()
+    out["chi_extrapolated"] = extrapolated["chi"]
+    out["ci_low_extrapolated"] = extrapolated["ci_low"]
+    out["ci_high_extrapolated"] = extrapolated["ci_high"]
+    out["bias"] = extrapolated["bias"]
+    out["bias_exceeds_interval"] = extrapolated["bias_exceeds_interval"]
+    out.attrs["step_sizes"] = extrapolated.attrs.get("step_sizes", [])
+    return assign_status(out, **status_kwargs)
+
+
 def step_size_study(
     posterior: Any,
     kernel: str = "sgld",

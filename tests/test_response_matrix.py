@@ -64,11 +64,18 @@ def planted(n_per=20, n_comp=8, noise=0.3, seed=0):
 # ------------------------------------------------------------------ statuses
 
 
+def _flag_bias(ds, i, j):
+    if "bias_exceeds_interval" not in ds:
+        ds["bias_exceeds_interval"] = xr.zeros_like(ds["chi"], dtype=bool)
+    ds["bias_exceeds_interval"].values[i, j] = True
+
+
 TRIGGERS = {
     "diverged": lambda ds, i, j: ds["num_diverged_chains"].values.__setitem__(j, 1),
     "nonfinite": lambda ds, i, j: ds["chi"].values.__setitem__((i, j), np.nan),
     "rhat": lambda ds, i, j: ds["rhat"].values.__setitem__((i, j), 1.2),
     "ess": lambda ds, i, j: ds["ess_tail"].values.__setitem__((i, j), 20.0),
+    "step_size_bias": lambda ds, i, j: _flag_bias(ds, i, j),
     "ci_contains_zero": lambda ds, i, j: ds["ci_low"].values.__setitem__((i, j), -1.0),
     "not_significant_bh": lambda ds, i, j: ds["p_value"].values.__setitem__((i, j), 0.9),
 }

@@ -159,3 +159,34 @@ def test_variance_inflation_is_exact_along_the_stiffest_direction(problem):
         exact = stationary * lam[-1] - 1.0  # posterior variance along top is 1/λ
         assert sgld_variance_inflation(eps, lam[-1]) == pytest.approx(exact, rel=1e-9)
     assert sgld_variance_inflation(4.0 / lam[-1], lam[-1]) == float("inf")
+
+
+def test_attach_bias_flags_entries_in_the_response_matrix(problem):
+    from bayes_susc.response_matrix import assign_status
+    from bayes_susc.step_size_bias import attach_bias
+    from bayes_susc.susceptibility import estimate_many
+
+    rng = np.random.default_rng(11)
+    eps = 1e-3
+    per_step = []
+    for step, k in ((eps, 10), (eps / 2, 20)):
+        runs = {}
+        for name in ("A", "B"):
+            phi, delta = simulate_sgld(problem, step, (16,), 2000, k, rng)
+            runs[name] = {"phi": phi, "delta_loss": delta}
+        per_step.append(estimate_many(runs))
+    matrix = assign_status(per_step[0])
+    out = attach_bias(matrix, extrapolate(per_step, [eps, eps / 2]))
+    flagged = out["bias_exceeds_interval"].values
+    status = out["status"].values
+    earlier = np.isin(status, ["diverged", "nonfinite", "rhat", "ess"])
+    np.testing.assert_array_equal(status[flagged & ~earlier], "step_size_bias")
+    assert not np.any(status[~flagged] == "step_size_bias")
+    # The ≈ 10-19% bias at ε = 1e-3 is several interval half-widths here for most entries.
+    assert flagged.mean() > 0.5
+    exact_bias = problem.chi_sgld(eps) - problem.chi_posterior()
+    # bias = χ(ε) − (2χ(ε/2) − χ(ε)) = 2(χ(ε) − χ(ε/2)): SE 2·sqrt(se₁² + se₂²).
+    se_bias = 2 * np.sqrt(per_step[0]["se"].values ** 2 + per_step[1]["se"].values ** 2)
+    assert np.all(np.abs(out["bias"].values - exact_bias[:, None]) < 4 * se_bias)
+    with pytest.raises(ValueError, match="same"):
+        attach_bias(matrix.isel(probe=slice(0, 3)), extrapolate(per_step, [eps, eps / 2]))

@@ -34,6 +34,7 @@ SECTIONS = (
     "Settings",
     "Status counts",
     "Convergence",
+    "Trace health",
     "Response matrix",
     "Principal components",
     "Explained variance",
@@ -132,6 +133,11 @@ def write_report(run_dir: str | Path, *, n_clusters: int = 4, n_examples: int = 
     parts.append(_status_table(matrix))
     heading()
     parts.append(_convergence_table(matrix, runs))
+    heading(
+        '<p class="note">Checks of each head\'s traces (bayes_susc.health); each row ends '
+        "with the action its worst check suggests.</p>"
+    )
+    parts.append(_health_table(runs))
     heading(
         '<p class="note">χ per probe token (rows) and head (columns); × marks an entry '
         "whose status is not ok.</p>"
@@ -236,6 +242,17 @@ def _status_table(matrix: xr.Dataset) -> str:
     rows = [[c] + [int((status[:, j] == n).sum()) for n in names] for j, c in enumerate(comps)]
     rows.append(["all"] + [int((status == n).sum()) for n in names])
     return _table(["component", *names], rows)
+
+
+def _health_table(runs: dict) -> str:
+    from bayes_susc.health import check_run_health
+
+    if not runs:
+        return "<p>No component draws in this folder.</p>"
+    frame = check_run_health(runs).table()
+    header = ["component", *frame.columns]
+    rows = [[name, *(str(v) for v in row)] for name, row in frame.iterrows()]
+    return _table(header, rows)
 
 
 def _convergence_table(matrix: xr.Dataset, runs: dict) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +43,27 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def write_json(path: Path, obj: Any) -> None:
     """JSON with NaN written as null and numpy scalars as Python numbers."""
     path.write_text(json.dumps(to_jsonable(obj), indent=1))
+
+
+def study_main(
+    name: str,
+    description: str,
+    run_study: Callable[[bool, int], dict[str, Any]],
+    plots: Callable[[dict[str, Any], Path], Any],
+    report: Callable[[dict[str, Any]], str],
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """The command line every study shares: ``--out DIR`` (default ``runs/<name>``),
+    ``--quick`` and ``--seed``; writes ``report.md``, the figures and ``results.json``."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs") / name)
+    parser.add_argument("--quick", action="store_true", help="small run (< 1 minute)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = run_study(args.quick, args.seed)
+    plots(results, args.out)
+    (args.out / "report.md").write_text(report(results))
+    write_json(args.out / "results.json", results)
+    print(f"wrote {args.out}/report.md, results.json and its figures")
+    return results

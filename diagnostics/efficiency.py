@@ -24,7 +24,6 @@ meaningful, absolute figures are not.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from bayes_susc.exact import sample_nuts
 from bayes_susc.ground_truth import torch_local_posterior
 from bayes_susc.susceptibility import estimate
 from diagnostics import kernels_exact, kernels_nuts
-from diagnostics._report import md_table, write_json
+from diagnostics._report import md_table, study_main
 
 KERNELS = ("sgld", "psgld", "sghmc", "sgnht", "mala")
 CHAINS = 16
@@ -215,18 +214,7 @@ def _report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/efficiency"))
-    parser.add_argument("--quick", action="store_true", help="small run (< 1 minute)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = run_study(args.quick, args.seed)
-    _plots(results, args.out)
-    (args.out / "report.md").write_text(_report(results))
-    write_json(args.out / "results.json", results)
-    print(f"wrote {args.out}/report.md, results.json, efficiency.png")
-    return results
+    return study_main("efficiency", __doc__, run_study, _plots, _report, argv)
 
 
 if __name__ == "__main__":

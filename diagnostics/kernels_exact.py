@@ -40,7 +40,6 @@ samples a law when every z is small (|z| < 4.5 with up to 65 entries).
 
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
 from pathlib import Path
@@ -60,7 +59,7 @@ from bayes_susc.ground_truth import (
 )
 from bayes_susc.sampling import DivergenceWarning
 from bayes_susc.susceptibility import estimate
-from diagnostics._report import md_table, write_json
+from diagnostics._report import md_table, study_main
 
 GAMMA = 10.0
 P = 12
@@ -465,18 +464,7 @@ def _report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/kernels_exact"))
-    parser.add_argument("--quick", action="store_true", help="small run (< 1 minute)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = run_study(args.quick, args.seed)
-    _plots(results, args.out)
-    (args.out / "report.md").write_text(_report(results))
-    write_json(args.out / "results.json", results)
-    print(f"wrote {args.out}/report.md, results.json, bias_vs_step.png")
-    return results
+    return study_main("kernels_exact", __doc__, run_study, _plots, _report, argv)
 
 
 if __name__ == "__main__":

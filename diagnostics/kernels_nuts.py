@@ -29,7 +29,6 @@ some χ are near 0), and the Pearson correlation of SG χ with NUTS χ.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from bayes_susc.components import Component
 from bayes_susc.exact import sample_nuts
 from bayes_susc.posterior import LocalPosterior
 from bayes_susc.susceptibility import estimate
-from diagnostics._report import md_table, write_json
+from diagnostics._report import md_table, study_main
 
 NBETA = 300.0
 GAMMA = 10.0
@@ -353,18 +352,7 @@ def _report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/kernels_nuts"))
-    parser.add_argument("--quick", action="store_true", help="small run (< 1 minute)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = run_study(args.quick, args.seed)
-    _plots(results, args.out)
-    (args.out / "report.md").write_text(_report(results))
-    write_json(args.out / "results.json", results)
-    print(f"wrote {args.out}/report.md, results.json, scatter.png")
-    return results
+    return study_main("kernels_nuts", __doc__, run_study, _plots, _report, argv)
 
 
 if __name__ == "__main__":

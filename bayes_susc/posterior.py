@@ -15,13 +15,17 @@ the model is called through :func:`torch.func.functional_call` under
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch.func import functional_call, vmap
 
 from bayes_susc.components import Component, ResolvedComponent
+from bayes_susc.splits import ForwardSplit, find_split
 from bayes_susc.validation import check_nonnegative, check_positive
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
@@ -52,6 +56,63 @@ class _Bound(torch.nn.Module):
 
     def forward(self, *args: Any) -> torch.Tensor:
         return self.fn(self.model, *args)
+
+
+class _SplitMismatch(RuntimeError):
+    """The loss function used the model in a way the split cannot reproduce."""
+
+
+def _same_input(a: Any, b: Any) -> bool:
+    """Whether two model call arguments hold the same values (cheap checks first)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a is b:
+            return True
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+            return True
+        return bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_input(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_input(a[k], b[k]) for k in a)
+    return a == b
+
+
+class _Capture(torch.nn.Module):
+    """Stands in for the model in one ``loss_fn`` call at w*: records the call's
+    arguments and the split's prefix for them, and returns the model's own output."""
+
+    def __init__(self, model: torch.nn.Module, split: ForwardSplit) -> None:
+        super().__init__()
+        self.model = model
+        self.split = split
+        self.calls: list[tuple[tuple, dict, Any]] = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.calls:
+            raise _SplitMismatch("loss_fn called the model more than once per batch")
+        self.calls.append((args, kwargs, self.split.prefix(*args, **kwargs)))
+        return self.model(*args, **kwargs)
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for the model inside ``loss_fn`` (under ``vmap``): returns one
+    replica's precomputed output, after checking the call is the batch's recorded one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.call: tuple[tuple, dict] | None = None
+        self.output: Any = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.call is None or not _same_input((args, kwargs), self.call):
+            raise _SplitMismatch("loss_fn called the model with inputs not of its batch")
+        return self.output
+
+
+def _nbytes(obj: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -110,6 +171,15 @@ class LocalPosterior:
         component: a :class:`Component`, a list of parameter names, or a resolved one.
         nbeta: nβ, multiplies the mean loss (> 0). Literature default 30.
         gamma: γ, localization strength (>= 0). Literature default 300.
+        split: how the frozen part of the forward pass is shared across replicas:
+            ``"auto"`` (default) uses the registered :class:`~bayes_susc.splits.ForwardSplit`
+            for this model and component when there is one (a single attention head of
+            the package's attention-only model or of a TransformerLens model), ``None``
+            always runs the whole forward pass per replica, or a ``ForwardSplit``
+            instance. A split is used only if it reproduces the plain per-item losses at
+            w* on the first training batch (else a warning, and the plain path).
+        prefix_cache_bytes: memory bound (bytes) of the cached prefixes, one per batch
+            (training, evaluation and probe batches), least recently used dropped first.
     """
 
     def __init__(
@@ -121,6 +191,8 @@ class LocalPosterior:
         *,
         nbeta: float = 30.0,
         gamma: float = 300.0,
+        split: ForwardSplit | Literal["auto"] | None = "auto",
+        prefix_cache_bytes: int = 2**30,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -163,9 +235,91 @@ class LocalPosterior:
         self.anchors = {p: params[p].detach().clone() for p in self.component.param_names}
         self.anchor_vector = self.component.gather(self.anchors)
         self._bound_loss = _Bound(model, loss_fn)
-        self.check_batch("train_data", self.train_batches[0])
+        plain = self.check_batch("train_data", self.train_batches[0])
         self._item_counts: dict[int, int] = {}  # id(batch) -> items, counted lazily
-        self._vlosses = vmap(self.item_losses, in_dims=(0, None))
+        self._vmapped_losses = vmap(self.item_losses, in_dims=(0, None))
+        if not (isinstance(prefix_cache_bytes, int) and prefix_cache_bytes >= 0):
+            raise ValueError(f"prefix_cache_bytes must be an int >= 0, got {prefix_cache_bytes!r}")
+        self.prefix_cache_bytes = prefix_cache_bytes
+        self._prefix_cache: OrderedDict[int, tuple[Batch, Any, int]] = OrderedDict()
+        self.split: ForwardSplit | None = None
+        self._use_split(split, plain)
+
+    # ------------------------------------------------------------- shared prefix
+    def _use_split(self, split: ForwardSplit | str | None, plain: torch.Tensor) -> None:
+        """Adopt ``split`` if it reproduces ``plain`` (the first training batch's per-item
+        losses at w*) within float tolerance; else warn and keep the plain path."""
+        if split == "auto":
+            split = find_split(self.model, self.component)
+        if split is None:
+            return
+        if not isinstance(split, ForwardSplit):
+            raise TypeError(f"split must be 'auto', None or a ForwardSplit, got {split!r}")
+        self.split = split
+        self._replay = _Replay()
+        self._vmapped_replay = vmap(self._replay_losses, in_dims=(0, None))
+        self._vmapped_params = vmap(self.params_from)
+        try:
+            with torch.no_grad():
+                got = self.item_losses(self.anchor_vector, self.train_batches[0])
+            scale = float(plain.abs().max()) + 1.0
+            tol = 100 * torch.finfo(plain.dtype).eps * scale * max(1.0, plain.numel() ** 0.5)
+            error = float((got - plain).abs().max()) if got.shape == plain.shape else math.inf
+            if not error <= tol:
+                raise _SplitMismatch(f"losses differ by {error:.3g} (tolerance {tol:.3g})")
+        except Exception as exc:  # any failure means: run the plain forward instead
+            warnings.warn(
+                f"split {split.name!r} does not reproduce loss_fn for component "
+                f"{self.component.name!r} ({exc}); running the whole forward pass per replica",
+                stacklevel=3,
+            )
+            self.split = None
+            self._prefix_cache.clear()
+
+    def _prepare(self, batch: Batch) -> Any:
+        """``batch``'s prefix (computed at w* on first use, then cached); records the
+        model call that ``loss_fn`` makes for it."""
+        key = id(batch)
+        hit = self._prefix_cache.get(key)
+        if hit is not None and hit[0] is batch:
+            self._prefix_cache.move_to_end(key)
+            call, cached = hit[1]
+        else:
+            capture = _Capture(self.model, self.split)
+            with torch.no_grad():
+                self.loss_fn(capture, batch)
+            if not capture.calls:
+                raise _SplitMismatch("loss_fn did not call the model")
+            args, kwargs, cached = capture.calls[0]
+            call = (args, kwargs)
+            size = _nbytes(cached)
+            self._prefix_cache[key] = (batch, (call, cached), size)
+            total = sum(entry[2] for entry in self._prefix_cache.values())
+            while total > self.prefix_cache_bytes and len(self._prefix_cache) > 1:
+                _, (_, _, dropped) = self._prefix_cache.popitem(last=False)
+                total -= dropped
+        self._replay.call = call
+        return cached
+
+    def _replay_losses(self, output: Any, batch: Batch) -> torch.Tensor:
+        self._replay.output = output
+        return self.loss_fn(self._replay, batch).reshape(-1)
+
+    def _split_losses(self, positions: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-item losses ``(chains, items)`` through the split: the prefix is shared,
+        the suffix runs all replicas as one batch, ``loss_fn`` runs per replica."""
+        cached = self._prepare(batch)
+        outputs = self.split.suffix(self._vmapped_params(positions), cached)
+        try:
+            return self._vmapped_replay(outputs, batch)
+        finally:
+            self._replay.output = None  # drop the transform's wrapper of the outputs
+
+    def _vlosses(self, positions: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-item losses at every position, ``(chains, items)``."""
+        if self.split is not None:
+            return self._split_losses(positions, batch)
+        return self._vmapped_losses(positions, batch)
 
     # ----------------------------------------------------------------- single chain
     @property
@@ -179,6 +333,8 @@ class LocalPosterior:
 
     def item_losses(self, v: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Per-item losses at position ``v`` (``(dim,)``), flattened to ``(items,)``."""
+        if self.split is not None:
+            return self._split_losses(v.unsqueeze(0), batch)[0]
         params = {"model." + k: t for k, t in self.params_from(v).items()}
         return functional_call(self._bound_loss, params, (batch,), strict=False).reshape(-1)
 
@@ -296,4 +452,5 @@ class LocalPosterior:
             "component": self.component.name,
             "component_spec": self.component.describe(),
             "dim": self.dim,
+            "split": self.split.name if self.split is not None else None,
         }

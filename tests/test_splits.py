@@ -1,0 +1,218 @@
+"""The shared-prefix path (``bayes_susc.splits``) computes what the plain per-replica
+path computes: the same per-item losses and gradients to float tolerance, and the same
+draws for the same seed. Tolerances: float32 rounding of differently ordered sums,
+~1e-6 on losses of order 5 nats; gradients of order 50 agree to ~1e-5."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from bayes_susc import LocalPosterior, sample
+from bayes_susc.components import Component
+from bayes_susc.models.attn_only import (
+    AttnOnlyConfig,
+    AttnOnlyTransformer,
+    head_components,
+    next_token_loss,
+)
+from bayes_susc.splits import ForwardSplit, find_split, head_of, register_split, unregister_split
+
+
+def _model(layernorm: bool = True) -> AttnOnlyTransformer:
+    cfg = AttnOnlyConfig(
+        n_layers=2, n_heads=4, d_model=32, d_head=8, n_ctx=16, d_vocab=40, layernorm=layernorm
+    )
+    return AttnOnlyTransformer(cfg, generator=3)
+
+
+def _tokens(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 40, (n, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def _pair(model, component, batches):
+    fast = LocalPosterior(model, next_token_loss, batches, component)
+    plain = LocalPosterior(model, next_token_loss, batches, component, split=None)
+    return fast, plain
+
+
+@pytest.mark.parametrize("layernorm", [True, False])
+@pytest.mark.parametrize("name", ["L0H1", "L1H3"])
+def test_split_losses_and_gradients_match_plain(name, layernorm):
+    model = _model(layernorm)
+    component = {c.name: c for c in head_components(model)}[name]
+    batches = [_tokens(4, 0), _tokens(4, 1)]
+    fast, plain = _pair(model, component, batches)
+    assert fast.split is not None and fast.describe()["split"] == "attn_only_head"
+    assert plain.split is None
+    positions = fast.anchor_vector + 0.1 * torch.randn(
+        3, fast.dim, generator=torch.Generator().manual_seed(1)
+    )
+    probe = [_tokens(5, 7)]
+    a, b = fast.batch_item_losses(positions, probe), plain.batch_item_losses(positions, probe)
+    assert a.shape == b.shape == (3, 5 * 15)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    ga, gb = (
+        fast.potential_and_grad(positions, batches[1]),
+        plain.potential_and_grad(positions, batches[1]),
+    )
+    torch.testing.assert_close(ga.potential, gb.potential, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(ga.grad, gb.grad, rtol=1e-5, atol=1e-4)
+    # The gradient is not trivially small: the comparison has something to compare.
+    assert gb.grad.abs().max() > 1.0
+
+
+@pytest.mark.parametrize("name", ["L0H2", "L1H0"])
+def test_split_draws_equal_plain_draws(name):
+    model = _model()
+    component = {c.name: c for c in head_components(model)}[name]
+    batches = [_tokens(4, s) for s in range(3)]
+    fast, plain = _pair(model, component, batches)
+    kwargs = dict(
+        step_size=1e-3,
+        eval_data=_tokens(4, 10),
+        probe_data=[_tokens(3, 11), _tokens(2, 12)],
+        num_chains=3,
+        num_draws=15,
+        num_burnin=5,
+        seed=4,
+    )
+    a, b = sample(fast, "sgld", **kwargs), sample(plain, "sgld", **kwargs)
+    for var in ("phi", "eval_loss", "probe_loss"):
+        x, y = a.posterior[var].values, b.posterior[var].values
+        assert x.shape == y.shape
+        assert abs(x - y).max() < 1e-4, var
+    # The draws moved: the comparison is not between two copies of the anchor.
+    assert a.posterior["phi"].values.std() > 1e-4
+
+
+def test_cache_bound_zero_recomputes_and_agrees():
+    model = _model()
+    component = head_components(model)[5]
+    batches = [_tokens(4, 0), _tokens(4, 1)]
+    bounded = LocalPosterior(model, next_token_loss, batches, component, prefix_cache_bytes=0)
+    free = LocalPosterior(model, next_token_loss, batches, component)
+    positions = free.anchor_vector.expand(2, -1).clone()
+    for batch in batches + batches:
+        torch.testing.assert_close(
+            bounded.batch_item_losses(positions, [batch]),
+            free.batch_item_losses(positions, [batch]),
+        )
+    assert len(bounded._prefix_cache) == 1  # the newest entry only
+    assert len(free._prefix_cache) == 2
+
+
+def test_split_found_only_for_single_heads():
+    model = _model()
+    heads = head_components(model)
+    assert head_of(heads[6].resolve(model)) == ("", 1, 2)
+    two_heads = Component("two", {"blocks.0.attn.W_Q": (slice(0, 2),)})
+    embedding = Component.from_parameters("embed", ["embed.W_E"])
+    output_bias = Component.from_parameters("bO", ["blocks.1.attn.b_O"])
+    for component in (two_heads, embedding, output_bias):
+        assert find_split(model, component.resolve(model)) is None
+        assert LocalPosterior(model, next_token_loss, [_tokens(2, 0)], component).split is None
+    # A mask inside one head still splits: the head's other entries come from the anchor.
+    mask = torch.zeros(4, 32, 8, dtype=torch.bool)
+    mask[3, :5] = True
+    masked = Component("masked", {"blocks.1.attn.W_K": mask})
+    assert head_of(masked.resolve(model)) == ("", 1, 3)
+
+
+def test_wrong_split_warns_and_falls_back():
+    model = _model()
+    component = head_components(model)[0]
+
+    class Wrong(ForwardSplit):
+        name = "wrong"
+
+        def prefix(self, tokens):
+            return tokens
+
+        def suffix(self, params, cached):
+            replicas = next(iter(params.values())).shape[0]
+            return torch.zeros((replicas,) + cached.shape + (40,))
+
+    with pytest.warns(UserWarning, match="does not reproduce loss_fn"):
+        posterior = LocalPosterior(
+            model, next_token_loss, [_tokens(2, 0)], component, split=Wrong()
+        )
+    assert posterior.split is None
+
+
+def test_loss_calling_model_twice_falls_back():
+    model = _model()
+    component = head_components(model)[4]
+
+    def twice(m, tokens):
+        return 0.5 * (next_token_loss(m, tokens) + next_token_loss(m, tokens))
+
+    with pytest.warns(UserWarning, match="more than once"):
+        posterior = LocalPosterior(model, twice, [_tokens(2, 0)], component)
+    assert posterior.split is None
+
+
+def test_registered_split_is_used_and_removed():
+    model = _model()
+    component = head_components(model)[1]
+    seen = []
+
+    def factory(m, resolved):
+        seen.append(resolved.name)
+        return None
+
+    register_split(factory)
+    try:
+        LocalPosterior(model, next_token_loss, [_tokens(2, 0)], component)
+    finally:
+        unregister_split(factory)
+    assert seen == ["L0H1"]
+    with pytest.raises(ValueError, match="not a registered"):
+        unregister_split(factory)
+    with pytest.raises(TypeError, match="split must be"):
+        LocalPosterior(model, next_token_loss, [_tokens(2, 0)], component, split="fast")
+
+
+def test_transformer_lens_head_split_matches_plain():
+    tl = pytest.importorskip("transformer_lens")
+    from bayes_susc.architectures import attention_heads
+    from bayes_susc.run_config import causal_lm_loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for attn_only in (True, False):
+            cfg = tl.HookedTransformerConfig(
+                n_layers=2,
+                d_model=32,
+                n_ctx=16,
+                d_head=8,
+                n_heads=4,
+                d_vocab=50,
+                act_fn="gelu",
+                attn_only=attn_only,
+                seed=0,
+                normalization_type="LN",
+            )
+            model = tl.HookedTransformer(cfg)
+            tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))
+            for component in attention_heads(model)[::3]:
+                fast = LocalPosterior(model, causal_lm_loss, [tokens], component)
+                plain = LocalPosterior(model, causal_lm_loss, [tokens], component, split=None)
+                assert fast.describe()["split"] == "transformer_lens_head"
+                positions = fast.anchor_vector + 0.05 * torch.randn(
+                    2, fast.dim, generator=torch.Generator().manual_seed(2)
+                )
+                torch.testing.assert_close(
+                    fast.batch_item_losses(positions, [tokens]),
+                    plain.batch_item_losses(positions, [tokens]),
+                    rtol=0,
+                    atol=1e-5,
+                )
+                torch.testing.assert_close(
+                    fast.potential_and_grad(positions, tokens).grad,
+                    plain.potential_and_grad(positions, tokens).grad,
+                    rtol=1e-5,
+                    atol=1e-4,
+                )

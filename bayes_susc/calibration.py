@@ -222,7 +222,7 @@ class CalibrationResult:
 
         Args:
             component: whose traces (default: the first component).
-            panel_size: (width, height) of one panel in inches.
+            panel_size (tuple[float, float]): (width, height) of one panel in inches.
 
         Returns:
             ``matplotlib.figure.Figure`` with one axes per setting.
@@ -560,17 +560,25 @@ def calibrate(
     """Sweep (ε, nβ, γ) on short chains, score each setting, recommend one.
 
     Args:
-        model, loss_fn, train_data: as for :class:`bayes_susc.LocalPosterior`; a fresh
+        model: the trained network, as for :class:`bayes_susc.LocalPosterior`; a fresh
             posterior is built for every (component, nβ, γ), anchored at the model's
             current weights.
+        loss_fn: per-item loss, as for :class:`bayes_susc.LocalPosterior`.
+        train_data: the training batches, as for :class:`bayes_susc.LocalPosterior`.
         components: a :class:`Component` (or resolved one), a list of them, or a mapping
             name → list of parameter names. One setting is recommended for all.
         eval_data: the evaluation set E (φ and ``eval_loss``).
         probe_data: probe items; default ``eval_data``.
-        step_sizes, nbetas, gammas: the grid (each non-empty; ε, nβ > 0, γ >= 0).
+        step_sizes: the grid's ε values (non-empty, each > 0).
+        nbetas: the grid's nβ values (non-empty, each > 0).
+        gammas: the grid's γ values (non-empty, each >= 0).
         kernel: registered kernel name; ``step_size`` is passed as its ε.
-        num_chains, num_draws, num_burnin, steps_per_draw, seed: of every short run
-            (the same seed for every setting: common random numbers across the grid).
+        num_chains: chains of every short run.
+        num_draws: kept draws per chain of every short run.
+        num_burnin: burn-in steps of every short run.
+        steps_per_draw: thinning of every short run.
+        seed: seed of every short run (the same for every setting: common random
+            numbers across the grid).
         mala_check: score the MALA acceptance of the SGLD move (one extra gradient per
             chain per move, 100 moves; only for ``kernel="sgld"``). False skips it.
         max_step_bias: for ``kernel="sgld"``, the largest tolerated step-size bias

@@ -74,14 +74,17 @@ def sample_nuts(
 
     Args:
         posterior: the component's local posterior (its full training set is used).
-        eval_data, probe_data, observables, probe_coords, backend: as for
-            :func:`bayes_susc.sample`.
+        eval_data: the evaluation set E, as for :func:`bayes_susc.sample`.
+        probe_data: the probe items, as for :func:`bayes_susc.sample`.
         num_chains: independent NUTS chains, run one after another, all from w*.
         num_draws: kept draws per chain (after ``num_warmup`` adaptation steps).
         seed: chain k uses seed ``chain_seeds(seed, num_chains)[k]``.
         target_accept_prob: NUTS step-size adaptation target in (0, 1).
         max_tree_depth: cap on NUTS tree doubling.
         progress: Pyro's progress bar; ``None`` shows it only on a terminal.
+        observables: extra observables, as for :func:`bayes_susc.sample`.
+        probe_coords: probe metadata, as for :func:`bayes_susc.sample`.
+        backend: ``"inferencedata"`` or ``"datatree"``, as for :func:`bayes_susc.sample`.
 
     Returns:
         ArviZ container with ``posterior`` (``phi``, ``eval_loss``, ``probe_loss``, user
@@ -163,6 +166,7 @@ def sample_nuts(
         "num_eval_batches": len(evaluator.eval_batches),
     }
     description = _NUTSDescription(target_accept_prob, num_warmup, max_tree_depth)
-    attrs = _attrs(posterior, description, settings, np.full(num_chains, -1))
+    chain_ids = list(range(num_chains))
+    attrs = _attrs(posterior, description, settings, np.full(num_chains, -1), chain_ids)
     attrs["num_divergent_transitions"] = int(st["divergent_transition"].sum())
-    return _to_inference_data(rec, st, evaluator, coords, attrs, backend)
+    return _to_inference_data(rec, st, evaluator, coords, attrs, backend, chain_ids)

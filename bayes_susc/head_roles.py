@@ -153,7 +153,7 @@ def head_role_scores(
     """Role scores of every attention head of an :class:`AttnOnlyTransformer`.
 
     Args:
-        model: the transformer (its weights are not changed).
+        model (AttnOnlyTransformer): the transformer (its weights are not changed).
         tokens: optional LongTensor (batch, pos) of ordinary text on which
             ``previous_token``, ``self`` and ``first_token`` are measured; ``None``: on the
             repeated random sequences.

@@ -949,7 +949,8 @@ def check_health(
         anchor_z: SEs below L(w*) at which ``loss_anchor`` warns (default 3).
         spike_z: robust z (median/MAD) of an increment counted as a spike (default 20).
         spike_vars: traces whose increments are screened (default eval and minibatch loss).
-        rhat_warn, rhat_fail: R-hat thresholds (default 1.01 and 1.1).
+        rhat_warn: R-hat above which the ``rhat`` check warns (default 1.01).
+        rhat_fail: R-hat above which the ``rhat`` check fails (default 1.1).
         target_ess: ESS of φ below which ``autocorrelation`` warns (default 400);
             ``min_ess``: below which it fails (default 100).
         distance_factor: RMS ‖v − v*‖ / sqrt(dim/γ) above which ``distance`` warns

@@ -112,11 +112,13 @@ def build_response_matrix(
     Args:
         runs: component name → that component's sampling run (InferenceData/DataTree
             from :func:`bayes_susc.sample`); all runs must share the same probe items.
+            Runs streamed to stores (``sample(..., store=...)``) are read one component
+            and one block of ``probe_chunk`` probe items at a time, never whole.
         min_ess: smallest acceptable min(bulk ESS, tail ESS) (see :func:`assign_status`).
         max_rhat: largest acceptable rank-normalized split R-hat.
         fdr: Benjamini–Hochberg false-discovery rate across the matrix.
         **estimate_kwargs: passed to :func:`bayes_susc.susceptibility.estimate_many`
-            (``method``, ``confidence``, seeds, ...).
+            (``method``, ``confidence``, seeds, ``probe_chunk``, ...).
 
     Returns:
         The response matrix with ``status``, ``q_value`` and ``reliable`` added.
@@ -461,8 +463,9 @@ def pca(
             or a DataArray of weights ≥ 0 (e.g. ``1 / ds.se**2``).
         var: the variable analysed.
         impute_rank: rank of the fill-in model; default ``n_components``.
-        max_iter, tol: stopping rule of the weighted fit (relative change of the
-            completed matrix between iterations).
+        max_iter: stopping rule of the weighted fit: at most this many iterations.
+        tol: stopping rule of the weighted fit: the relative change of the completed
+            matrix between iterations below which it stops.
 
     Returns:
         Dataset with ``scores`` (probe, pc), ``loadings`` (component, pc; unit-norm

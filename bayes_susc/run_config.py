@@ -69,6 +69,18 @@ Schema
     # block_length = 10.0      (block bootstraps; default chosen from the data)
     # seed = <sampling.seed>
 
+    [run]                      # optional: where the sampling jobs run
+    executor = "local"         # or "ray" (pip install 'bayes_susc[ray]'): one Ray task
+                               # per (component, chain group); same numbers as "local"
+    # chains_per_job = 2       # chains per job, dividing num_chains (default: all)
+    # address = "auto"         # ray only: a running cluster (default: start a local one)
+
+With ``executor = "ray"`` the model and data are built here, checked, and shipped once
+through Ray's object store; the ``python_path`` folders are put on the Ray workers'
+``PYTHONPATH`` so they can import the factories' modules (the folders must exist on
+every node). Changing ``[run]`` does not change results, so a run folder may be resumed
+with another executor.
+
 Relative ``checkpoint``, ``python_path`` and a ``config`` file path are resolved against
 the config file's folder (the working directory for a dict config); ``out`` against the
 working directory.
@@ -94,6 +106,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -138,6 +151,7 @@ _TOP = {
     "components": ("table", {}),
     "sampling": ("table", {}),
     "estimate": ("table", {}),
+    "run": ("table", {}),
 }
 _MODEL = {
     "factory": ("str", _NO),
@@ -185,6 +199,11 @@ _SAMPLING = {
     "steps_per_draw": ("int", 1),
     "seed": ("int", 0),
     "chain_method": ("str", "vectorized"),
+}
+_RUN = {
+    "executor": ("str", "local"),
+    "chains_per_job": ("int", _NO),
+    "address": ("str", _NO),
 }
 _ESTIMATE = {
     "method": ("str", "ess_t"),
@@ -389,8 +408,44 @@ def _validate(cfg: Mapping) -> dict:
     estimate = _check_table("[estimate]", top["estimate"], _ESTIMATE)
     estimate.setdefault("seed", sampling["seed"])
     _check_estimate(estimate)
-    top.update(model=model, data=data, components=comps, sampling=sampling, estimate=estimate)
+    run = _check_table("[run]", top["run"], _RUN)
+    _check_run(run, sampling["num_chains"])
+    top.update(
+        model=model, data=data, components=comps, sampling=sampling, estimate=estimate, run=run
+    )
     return top
+
+
+def _check_run(r: dict, num_chains: int) -> None:
+    if r["executor"] not in ("local", "ray"):
+        raise ConfigError(f"[run.executor] must be 'local' or 'ray', got {r['executor']!r}")
+    if "address" in r and r["executor"] != "ray":
+        raise ConfigError("[run.address] applies only with executor = 'ray'")
+    per = r.get("chains_per_job", num_chains)
+    if per < 1 or num_chains % per:
+        raise ConfigError(
+            f"[run.chains_per_job] must be >= 1 and divide [sampling.num_chains] = "
+            f"{num_chains}, got {per}"
+        )
+    if r["executor"] == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "[run.executor] = 'ray' needs Ray: pip install 'bayes_susc[ray]'"
+            ) from None
+
+
+def _executor(r: Mapping, python_path: list[Path]) -> Any:
+    """The executor of a validated [run] table."""
+    from bayes_susc.executor import LocalExecutor, RayExecutor
+
+    if r["executor"] == "local":
+        return LocalExecutor()
+    # Workers unpickle the model and loss by module name: give them the config's folders.
+    path = os.pathsep.join(map(str, python_path))
+    env = {"env_vars": {"PYTHONPATH": path}} if python_path else None
+    return RayExecutor(r.get("address"), runtime_env=env)
 
 
 def _check_factory_spec(where: str, spec: str) -> None:
@@ -730,6 +785,7 @@ class Prepared:
     fingerprint: str
     toml_text: str | None = None
     info: dict = field(default_factory=dict)
+    python_path: list[Path] = field(default_factory=list)  # resolved [python_path] folders
 
 
 def prepare(
@@ -748,7 +804,8 @@ def prepare(
     cfg = _validate(raw)
     out_dir = Path(out) if out is not None else Path(cfg.get("out", f"runs/{cfg['name']}"))
     device = cfg["device"]
-    with _on_path([_path(base, p).resolve() for p in cfg["python_path"]]):
+    folders = [_path(base, p).resolve() for p in cfg["python_path"]]
+    with _on_path(folders):
         model, desc = _build_model(cfg["model"], base, device)
         data = _build_data(cfg["data"], device)
     comps = _components(model, cfg["components"])
@@ -767,7 +824,18 @@ def prepare(
             )
     coords.setdefault("dataset", ["probe"] * num_probe)  # the report colours by data set
     data["probe_coords"] = coords
-    return Prepared(cfg, out_dir, model, desc, data, comps, num_probe, _fingerprint(model), text)
+    return Prepared(
+        cfg,
+        out_dir,
+        model,
+        desc,
+        data,
+        comps,
+        num_probe,
+        _fingerprint(model),
+        text,
+        python_path=folders,
+    )
 
 
 def _try_loss(model: torch.nn.Module, data: Mapping) -> int:
@@ -829,9 +897,8 @@ def run_from_config(
             a different model, data or sampling settings.
     """
     from bayes_susc.demo import _component_summary, _remove_stale_temporaries
-    from bayes_susc.posterior import LocalPosterior
+    from bayes_susc.executor import Problem, iter_components
     from bayes_susc.response_matrix import build_response_matrix, save_response_matrix
-    from bayes_susc.sampling import sample
     from bayes_susc.storage import load, save
 
     p = prepare(path_or_dict, out=out, overrides=overrides)
@@ -860,38 +927,48 @@ def run_from_config(
     s = cfg["sampling"]
     data = p.data
     runs = {}
-    computed = []
+    todo = []
     for comp in p.components:
         path = out_dir / "components" / f"{comp.name}.nc"
         if path.exists():
             runs[comp.name] = load(path)
-            continue
-        posterior = LocalPosterior(
+        else:
+            todo.append(comp)
+    computed = []
+    if todo:
+        problem = Problem(
             p.model,
             data["loss_fn"],
             data["train_data"],
-            comp,
+            data["eval_data"],
+            data["probe_data"],
+            data["probe_coords"],
+        )
+        r = cfg["run"]
+        # Each component is saved as soon as all its chain groups are in, so a killed
+        # run resumes from the last finished component, whatever the executor.
+        for name, result in iter_components(
+            problem,
+            todo,
+            executor=_executor(r, p.python_path),
+            chains_per_job=r.get("chains_per_job"),
             nbeta=s["nbeta"],
             gamma=s["gamma"],
-        )
-        result = sample(
-            posterior,
-            s["kernel"],
-            eval_data=data["eval_data"],
-            probe_data=data["probe_data"],
-            probe_coords=data["probe_coords"],
+            kernel=s["kernel"],
             num_chains=s["num_chains"],
             num_draws=s["num_draws"],
             num_burnin=s["num_burnin"],
             steps_per_draw=s["steps_per_draw"],
             seed=s["seed"],
             chain_method=s["chain_method"],
-            progress=progress,
+            # Bars of remote workers would only clutter their logs.
+            progress=progress if r["executor"] == "local" else False,
             **_kernel_kwargs(s),
-        )
-        save(result, path)
-        runs[comp.name] = result
-        computed.append(comp.name)
+        ):
+            save(result, out_dir / "components" / f"{name}.nc")
+            runs[name] = result
+            computed.append(name)
+    runs = {comp.name: runs[comp.name] for comp in p.components}  # the config's order
 
     e = cfg["estimate"]
     matrix = build_response_matrix(

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 from bayes_susc.kernels.base import Kernel, NoiseSource, make_kernel
 from bayes_susc.posterior import Batch, LocalPosterior, _Bound, as_batch_list
 from bayes_susc.storage import Backend, make_inference_data
+from bayes_susc.streaming import DrawWriter, check_store_args, open_store
 from bayes_susc.validation import check_int
 
 Observable = Callable[[torch.nn.Module], torch.Tensor]
@@ -162,6 +165,9 @@ def sample(
     chain_method: ChainMethod = "vectorized",
     progress: bool | None = None,
     backend: Backend | None = None,
+    chains: Sequence[int] | None = None,
+    store: str | os.PathLike | None = None,
+    chunk_draws: int | None = None,
     **kernel_kwargs: Any,
 ) -> Any:
     """Sample the local posterior and record observables at kept draws.
@@ -186,6 +192,18 @@ def sample(
             ``"sequential"`` (one chain after another, same draws up to rounding).
         progress: tqdm bar; ``None`` shows it only when stderr is a terminal.
         backend: ``"inferencedata"`` or ``"datatree"``; default follows ArviZ's version.
+        chains: compute only these chains (distinct indices in ``[0, num_chains)``) of
+            the ``num_chains``-chain run; each equals its chain of the full run (to float
+            rounding when vectorized), so runs of disjoint chain groups can be merged
+            (:func:`bayes_susc.executor.concat_chains`). The ``chain`` coordinate holds
+            these indices; attrs record them as ``chains``. Default: all chains.
+        store: a new directory: stream kept draws to a zarr store there as they are
+            produced (:mod:`bayes_susc.streaming`), so memory holds at most
+            ``chunk_draws`` draws per chain; the result is then read lazily from the
+            store (same layout). ``None`` (default): keep every draw in memory.
+        chunk_draws: kept draws per chain buffered on the device between writes to
+            ``store`` (only with ``store``); default: 50, or fewer so that the buffered
+            probe losses (chains × draws × probe items) stay within 2²¹ values.
         **kernel_kwargs: hyperparameters for a kernel given by name (e.g. ``step_size``).
 
     Returns:
@@ -203,6 +221,7 @@ def sample(
     num_burnin = check_int("num_burnin", num_burnin, minimum=0)
     steps_per_draw = check_int("steps_per_draw", steps_per_draw, minimum=1)
     seed = check_int("seed", seed, minimum=0)
+    streamed = check_store_args(store, chunk_draws, num_draws)  # (path, chunk) or None
     if chain_method not in ("vectorized", "sequential"):
         raise ValueError(f"chain_method must be 'vectorized' or 'sequential', got {chain_method!r}")
     eval_batches = as_batch_list("eval_data", eval_data)
@@ -214,36 +233,54 @@ def sample(
     if clash:
         raise ValueError(f"observables and probe_coords share the names {clash}; rename one")
 
-    seeds = chain_seeds(seed, num_chains)
+    chain_ids = _check_chains(chains, num_chains)
+    all_seeds = chain_seeds(seed, num_chains)
+    seeds = [all_seeds[k] for k in chain_ids]
+    run_chains = len(chain_ids)  # chains computed by this call
     noise = NoiseSource(seeds, posterior.device, posterior.dtype)
     num_steps = num_burnin + num_draws * steps_per_draw
     schedule = _batch_schedule(len(posterior.train_batches), num_steps, seed)
-    start = posterior.anchor_vector.unsqueeze(0).expand(num_chains, -1).clone()
+    start = posterior.anchor_vector.unsqueeze(0).expand(run_chains, -1).clone()
     show = sys.stderr.isatty() if progress is None else bool(progress)
     groups_of_chains = (
-        [list(range(num_chains))]
+        [list(range(run_chains))]
         if chain_method == "vectorized"
-        else [[k] for k in range(num_chains)]
+        else [[k] for k in range(run_chains)]
     )
     records, stats, diverged_at = [], [], []
+    writer = None
+    if streamed is not None:
+        writer = DrawWriter(
+            streamed[0],
+            chain_ids=chain_ids,
+            num_draws=num_draws,
+            chunk_draws=streamed[1],
+            probe_coords=coords,
+            num_probe=num_probe,
+        )
     with tqdm(
         total=num_steps * len(groups_of_chains),
         disable=not show,
         desc=f"{posterior.component.name} [{kernel.name}]",
         unit="step",
     ) as bar:
-        for chains in groups_of_chains:
-            sub_noise = noise if len(chains) == num_chains else noise.subset(chains[0])
+        for group in groups_of_chains:
+            sub_noise = noise if len(group) == run_chains else noise.subset(group[0])
+            sink = None  # streaming: where this group's chunks of draws go
+            if writer is not None:
+                sink = partial(writer.append, slice(group[0], group[-1] + 1))
             rec, st, div = _run(
                 posterior,
                 kernel,
                 evaluator,
-                start[chains],
+                start[group],
                 sub_noise,
                 schedule,
                 num_burnin,
                 steps_per_draw,
                 bar,
+                sink=sink,
+                sink_every=0 if writer is None else writer.chunk_draws,
             )
             records.append(rec)
             stats.append(st)
@@ -253,10 +290,11 @@ def sample(
     diverged_step = np.concatenate(diverged_at)
     bad = np.flatnonzero(diverged_step >= 0)
     if bad.size:
+        bad_ids = [chain_ids[i] for i in bad]
         warnings.warn(
-            f"chain(s) {bad.tolist()} of component {posterior.component.name!r} diverged at "
+            f"chain(s) {bad_ids} of component {posterior.component.name!r} diverged at "
             f"step(s) {diverged_step[bad].tolist()}; their draws from then on are NaN and flagged "
-            f"in sample_stats.diverged, and the other {num_chains - bad.size} chain(s) finished. "
+            f"in sample_stats.diverged, and the other {run_chains - bad.size} chain(s) finished. "
             "Lower step_size or raise gamma.",
             DivergenceWarning,
             stacklevel=2,
@@ -272,8 +310,29 @@ def sample(
         "num_train_batches": len(posterior.train_batches),
         "num_eval_batches": len(eval_batches),
     }
-    attrs = _attrs(posterior, kernel, settings, diverged_step)
-    return _to_inference_data(rec, st, evaluator, coords, attrs, backend)
+    if chains is not None:
+        settings["chains"] = chain_ids
+    attrs = _attrs(posterior, kernel, settings, diverged_step, chain_ids)
+    if writer is not None:
+        anchors = (evaluator.eval_loss_anchor, evaluator.probe_loss_anchor)
+        writer.close(*(a.cpu().numpy() for a in anchors), attrs)
+        return open_store(writer.path, backend)
+    return _to_inference_data(rec, st, evaluator, coords, attrs, backend, chain_ids)
+
+
+def _check_chains(chains: Sequence[int] | None, num_chains: int) -> list[int]:
+    """The chain indices to compute: all of ``range(num_chains)``, or the distinct ones given."""
+    if chains is None:
+        return list(range(num_chains))
+    if isinstance(chains, (str, bytes)) or not isinstance(chains, Sequence):
+        raise TypeError(f"chains must be a sequence of chain indices, got {chains!r}")
+    ids = [check_int("chain index", k, minimum=0) for k in chains]
+    if not ids or len(set(ids)) != len(ids) or max(ids) >= num_chains:
+        raise ValueError(
+            f"chains must be distinct indices in [0, num_chains={num_chains}), at least one; "
+            f"got {list(chains)}"
+        )
+    return ids
 
 
 def _run(
@@ -286,8 +345,15 @@ def _run(
     num_burnin: int,
     steps_per_draw: int,
     bar: tqdm,
+    sink: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None,
+    sink_every: int = 0,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
-    """Run one group of chains; returns draws, step statistics, divergence step (-1: none)."""
+    """Run one group of chains; returns draws, step statistics, divergence step (-1: none).
+
+    With ``sink``, every ``sink_every`` kept draws (and the rest at the end) are handed
+    to ``sink(draws, stats)`` as (chains, k, ...) arrays and dropped, and the returned
+    draws and statistics are empty.
+    """
     batches = posterior.train_batches
 
     def grad_for(step: int) -> Callable[[torch.Tensor], Any]:
@@ -327,12 +393,26 @@ def _run(
                     torch.where(dead, torch.nan, value.to(position.dtype))
                 )
             step_stats.setdefault("diverged", []).append(dead)
+            if sink is not None and len(step_stats["diverged"]) == sink_every:
+                # Streaming: host memory holds one chunk of draws, never the whole run.
+                sink(_to_host(draws), _to_host(step_stats))
+                draws.clear()
+                step_stats.clear()
             bar.update(since_update)
             since_update = 0
     bar.update(since_update)
+    if sink is not None and step_stats:
+        sink(_to_host(draws), _to_host(step_stats))  # the last, shorter chunk
+        draws.clear()
+        step_stats.clear()
     to_np = {k: torch.stack(v, dim=1).cpu().numpy() for k, v in draws.items()}
     stats_np = {k: torch.stack(v, dim=1).cpu().numpy() for k, v in step_stats.items()}
     return to_np, stats_np, diverged_at.cpu().numpy()
+
+
+def _to_host(values: Mapping[str, list[torch.Tensor]]) -> dict[str, np.ndarray]:
+    """Per-draw device tensors (chains, ...) stacked along draw, as host arrays (chains, k, ...)."""
+    return {k: torch.stack(v, dim=1).cpu().numpy() for k, v in values.items()}
 
 
 def _check_info(kernel: Kernel, info: Mapping[str, torch.Tensor]) -> None:
@@ -381,7 +461,11 @@ def _versions() -> dict[str, str]:
 
 
 def _attrs(
-    posterior: LocalPosterior, kernel: Kernel, settings: dict[str, Any], diverged_step: np.ndarray
+    posterior: LocalPosterior,
+    kernel: Kernel,
+    settings: dict[str, Any],
+    diverged_step: np.ndarray,
+    chain_ids: Sequence[int],
 ) -> dict[str, Any]:
     """Run attributes: enough to rerun (hyperparameters, seeds, versions) and the faults."""
     config = {
@@ -392,7 +476,7 @@ def _attrs(
         "dtype": str(posterior.dtype),
         "device": str(posterior.device),
         "versions": _versions(),
-        "diverged_chains": np.flatnonzero(diverged_step >= 0).tolist(),
+        "diverged_chains": [chain_ids[i] for i in np.flatnonzero(diverged_step >= 0)],
         "diverged_at_step": diverged_step.tolist(),
     }
     attrs = {
@@ -412,9 +496,9 @@ def _attrs(
     return attrs
 
 
-def _to_inference_data(rec, st, evaluator: _Evaluator, coords, attrs, backend) -> Any:
-    num_chains, num_draws = rec["phi"].shape
-    base = {"chain": np.arange(num_chains), "draw": np.arange(num_draws)}
+def _to_inference_data(rec, st, evaluator: _Evaluator, coords, attrs, backend, chain_ids) -> Any:
+    num_draws = rec["phi"].shape[1]
+    base = {"chain": np.asarray(chain_ids), "draw": np.arange(num_draws)}
     posterior_vars = {}
     for name, value in rec.items():
         if name == "probe_loss":

@@ -150,7 +150,8 @@ def step_size_study(
         kernel: a registered SG kernel name.
         step_size: the user's ε (factor 1).
         factors: multipliers of ε, e.g. ``(1, 0.5)`` or ``(1, 0.5, 0.25)``.
-        num_burnin, steps_per_draw: at factor 1; scaled by 1/factor for the others.
+        num_burnin: burn-in steps at factor 1; scaled by 1/factor for the others.
+        steps_per_draw: thinning at factor 1; scaled by 1/factor for the others.
         estimate_kwargs: passed to :func:`bayes_susc.susceptibility.estimate`.
         **sample_kwargs: passed to :func:`bayes_susc.sample` (eval_data, probe_data,
             num_chains, num_draws, seed, ...).

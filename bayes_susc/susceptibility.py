@@ -151,19 +151,26 @@ class _Run:
     """One component's draws: φ (C, D), ΔL (C, D, P) on demand, flags, probe coords."""
 
     phi: np.ndarray
-    probe_loss: np.ndarray  # (C, D, P): ΔL itself when eval_loss is None
+    # (C, D, P): ΔL itself when eval_loss is None. An array, or an xarray.DataArray that
+    # may be backed lazily by a draw store: only the probe items indexed are read.
+    probe_loss: Any
     eval_loss: np.ndarray | None  # (C, D)
     flagged: np.ndarray  # (C,) bool, from sample_stats.diverged
     coords: dict[str, np.ndarray]  # coordinates on the probe dimension
     label: str
+    chunk: int | None = None  # most probe items read at once (None: by _MAX_ELEMENTS)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (*self.phi.shape, self.probe_loss.shape[-1])
 
+    def blocks(self) -> list[slice]:
+        """Probe-item blocks to read one at a time: memory O(C·D·block), whatever P is."""
+        return _chunks(self.shape[2], self.phi.size, self.chunk)
+
     def delta(self, chains: np.ndarray, items: slice | np.ndarray = slice(None)) -> np.ndarray:
         """ΔL = ℓ − L_E for the given chains and probe items, (c, D, p) float64."""
-        out = self.probe_loss[:, :, items]
+        out = np.asarray(self.probe_loss[:, :, items])
         evals = self.eval_loss
         if not chains.all():
             out = out[chains]
@@ -177,10 +184,8 @@ class _Run:
         bad = self.flagged | ~np.isfinite(self.phi).all(axis=1)
         if self.eval_loss is not None:
             bad |= ~np.isfinite(self.eval_loss).all(axis=1)
-        num_probe = self.shape[2]
-        step = max(1, _MAX_ELEMENTS // max(1, self.phi.size))
-        for start in range(0, num_probe, step):
-            chunk = self.probe_loss[:, :, start : start + step]
+        for sl in self.blocks():
+            chunk = np.asarray(self.probe_loss[:, :, sl])
             bad |= ~np.isfinite(chunk).all(axis=(1, 2))
         return bad
 
@@ -226,7 +231,8 @@ def _read(data: Any, label: str) -> _Run:
     coords = {
         name: np.asarray(c.values) for name, c in probe.coords.items() if c.dims == ("probe",)
     }
-    run = _Run(phi, probe.values, eval_loss, _flags(flagged, phi, label), coords, label)
+    # probe stays a DataArray: a store-backed one is read block by block, never whole.
+    run = _Run(phi, probe, eval_loss, _flags(flagged, phi, label), coords, label)
     _check_shapes(run)
     return run
 
@@ -445,12 +451,14 @@ def product_series(phi: Any, delta_loss: Any, *, mean_delta_loss: Any = None) ->
     return phi[extra] * (delta - m)
 
 
-def susceptibility(data: Any) -> xr.DataArray:
+def susceptibility(data: Any, *, probe_chunk: int | None = None) -> xr.DataArray:
     """Pooled χ per probe item from one component's sampling run.
 
     Args:
         data: InferenceData/DataTree from :func:`bayes_susc.sample` (or its posterior
             Dataset, or a mapping of arrays as accepted by :func:`estimate`).
+        probe_chunk: most probe items whose draws are read at once (see
+            :func:`estimate`).
 
     Returns:
         ``chi`` over dimension ``probe`` (units of loss², nats² for log-losses), with the
@@ -459,10 +467,14 @@ def susceptibility(data: Any) -> xr.DataArray:
         finite draws are left. For intervals and convergence use :func:`estimate`.
     """
     run = _read(data, "data")
+    run.chunk = _check_probe_chunk(probe_chunk)
     keep, n = _kept(run)
     p = run.phi[keep].reshape(-1)
-    d = run.delta(keep).reshape(n, -1)
-    chi = -((p - p.mean()) @ (d - d.mean(axis=0))) / (n - 1)
+    p = p - p.mean()
+    chi = np.empty(run.shape[2])
+    for sl in run.blocks():
+        d = run.delta(keep, sl).reshape(n, -1)
+        chi[sl] = -(p @ (d - d.mean(axis=0))) / (n - 1)
     out = xr.DataArray(chi, dims=("probe",), coords=_coord_vars(run.coords), name="chi")
     out.attrs["num_diverged_chains"] = int((~keep).sum())
     return out
@@ -691,6 +703,11 @@ class _Prepared:
     run: _Run
     group: np.ndarray | None
 
+    @property
+    def most(self) -> int | None:
+        """Most entries per block: the run's probe_chunk, unless ΔL is grouped in memory."""
+        return self.run.chunk if self.delta is None else None
+
     def delta_chunk(self, items: slice) -> np.ndarray:
         if self.delta is not None:
             return self.delta[:, :, items].copy()
@@ -702,18 +719,23 @@ def _prepare(run: _Run, group: np.ndarray | None) -> _Prepared:
     phi = run.phi[keep]
     delta = None
     if group is not None:
-        delta = run.delta(keep) @ group  # (c, D, P) @ (P, G): ΔL averaged over each set
+        # (c, D, P) @ (P, G): ΔL averaged over each set, summed over blocks of items.
+        blocks = run.blocks()
+        delta = run.delta(keep, blocks[0]) @ group[blocks[0]]
+        for sl in blocks[1:]:
+            delta += run.delta(keep, sl) @ group[sl]
     return _Prepared(keep, n, phi, delta, run, group)
 
 
-def _unrestricted_means(source: Any, num_probe: int) -> np.ndarray:
+def _unrestricted_means(source: Any, num_probe: int, chunk: int | None = None) -> np.ndarray:
     """Per-item means of ℓ − L_E from an unrestricted run or a given array, (P,)."""
     if isinstance(source, (np.ndarray, list, tuple)) or np.isscalar(source):
         m = np.asarray(source, dtype=float)
     else:
         run = _read(source, "renormalized_from")
+        run.chunk = chunk
         keep, n = _kept(run)
-        m = run.delta(keep).reshape(n, -1).mean(axis=0)
+        m = np.concatenate([run.delta(keep, sl).reshape(n, -1).mean(axis=0) for sl in run.blocks()])
     if m.shape != (num_probe,) or not np.isfinite(m).all():
         raise ValueError(
             f"renormalized_from must give one finite mean of ℓ_i − L_E per probe item "
@@ -729,6 +751,10 @@ def _validate(method: Any, confidence: Any, n_resamples: Any, seed: Any) -> tupl
     n_resamples = check_int("n_resamples", n_resamples, minimum=1)
     seed = check_int("seed", seed, minimum=0)
     return method, confidence, n_resamples, seed
+
+
+def _check_probe_chunk(probe_chunk: Any) -> int | None:
+    return None if probe_chunk is None else check_int("probe_chunk", probe_chunk, minimum=1)
 
 
 def _chunks(total: int, width: int, most: int | None = None) -> list[slice]:
@@ -751,7 +777,7 @@ def _first_pass(
     rule_at = np.unique(rule_at.astype(int))
     rule_sb, rule_cb = [], []
     phi = prep.phi
-    for sl in _chunks(num_entries, n):
+    for sl in _chunks(num_entries, n, prep.most):
         delta = prep.delta_chunk(sl)
         if m is None:
             s = (phi - phi.mean())[:, :, None] * (delta - delta.mean(axis=(0, 1)))
@@ -808,7 +834,8 @@ def _bootstrap(
         n = prep.n
         phi = prep.phi.reshape(-1)
         tilde: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        for sl in _chunks(num_entries, max(n, n_resamples), _BOOT_CHUNK):
+        most = _BOOT_CHUNK if prep.most is None else min(_BOOT_CHUNK, prep.most)
+        for sl in _chunks(num_entries, max(n, n_resamples), most):
             delta = prep.delta_chunk(sl).reshape(n, -1)
             mean = delta.mean(axis=0)
             delta -= mean
@@ -877,7 +904,7 @@ def _batch_means(
     skip = d - per_chain * size  # the earliest draws of each chain are dropped
     phi = prep.phi
     tq = stats.t.ppf(0.5 + confidence / 2, num_batches - 1)
-    for sl in _chunks(num_entries, n):
+    for sl in _chunks(num_entries, n, prep.most):
         delta = prep.delta_chunk(sl)
         if m is None:
             s = (phi - phi.mean())[:, :, None] * (delta - delta.mean(axis=(0, 1)))
@@ -901,7 +928,10 @@ def _estimate_runs(
     seed: int,
     renormalized_from: Any,
     groups: Any,
+    probe_chunk: int | None = None,
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, Any], dict[str, np.ndarray]]:
+    for run in runs:
+        run.chunk = probe_chunk
     first = runs[0]
     c, d, num_probe = first.shape
     for run in runs[1:]:
@@ -925,7 +955,7 @@ def _estimate_runs(
     group, coords = _grouping(groups, first.coords, num_probe)
     m = None
     if renormalized_from is not None:
-        m = _unrestricted_means(renormalized_from, num_probe)
+        m = _unrestricted_means(renormalized_from, num_probe, probe_chunk)
         if group is not None:
             m = m @ group
     fixed = None if block_length is None else _check_block_length(block_length, d)
@@ -1046,6 +1076,7 @@ def estimate(
     seed: int = 0,
     renormalized_from: Any = None,
     groups: Any = None,
+    probe_chunk: int | None = None,
 ) -> xr.Dataset:
     """χ with an autocorrelation-aware interval, p-value and convergence per probe entry.
 
@@ -1067,6 +1098,11 @@ def estimate(
         groups: probe data sets: a probe coordinate name (e.g. ``"dataset"``), one label
             per probe item, or a mapping ``name -> item indices (or boolean mask)``.
             Each set's χ is the mean of its items' χ, exactly.
+        probe_chunk: most probe items whose draws are held in memory at once; ``None``
+            chooses blocks of at most 2²³ values (chain·draw·items). A run streamed to a
+            store (``sample(..., store=...)``) is read block by block, so memory is
+            O(chain·draw·probe_chunk) however many probe items there are. Results do
+            not depend on it (up to float rounding).
 
     Returns:
         Dataset over ``probe`` (the data sets when ``groups`` is given: ``probe`` then
@@ -1100,9 +1136,18 @@ def estimate(
             fewer than two finite draws are left after excluding diverged chains.
     """
     method, confidence, n_resamples, seed = _validate(method, confidence, n_resamples, seed)
+    probe_chunk = _check_probe_chunk(probe_chunk)
     run = _read(data, "data")
     results, info, coords = _estimate_runs(
-        [run], method, confidence, n_resamples, block_length, seed, renormalized_from, groups
+        [run],
+        method,
+        confidence,
+        n_resamples,
+        block_length,
+        seed,
+        renormalized_from,
+        groups,
+        probe_chunk,
     )
     res = results[0]
     c, d, _ = run.shape
@@ -1127,6 +1172,7 @@ def estimate_many(
     seed: int = 0,
     renormalized_from: Any = None,
     groups: Any = None,
+    probe_chunk: int | None = None,
 ) -> xr.Dataset:
     """:func:`estimate` for many components at once, resampled jointly: a response matrix.
 
@@ -1141,7 +1187,10 @@ def estimate_many(
             all runs must share the same probe items.
         renormalized_from: one unrestricted run (or per-item means) shared by all
             components; see :func:`estimate`.
-        (others): as :func:`estimate`.
+
+    The other arguments (``method``, ``confidence``, ``n_resamples``, ``block_length``,
+    ``seed``, ``groups``, ``probe_chunk``) are as for :func:`estimate`; store-backed
+    runs are read one component and one probe block at a time.
 
     Returns:
         Dataset over (``probe``, ``component``) with the variables of :func:`estimate`;
@@ -1157,10 +1206,19 @@ def estimate_many(
             "runs must be a non-empty mapping of component name -> sampling result, got "
             f"{type(runs).__name__ if not isinstance(runs, Mapping) else 'an empty mapping'}"
         )
+    probe_chunk = _check_probe_chunk(probe_chunk)
     names = [str(k) for k in runs]
     read = [_read(v, f"runs[{k!r}]") for k, v in runs.items()]
     results, info, coords = _estimate_runs(
-        read, method, confidence, n_resamples, block_length, seed, renormalized_from, groups
+        read,
+        method,
+        confidence,
+        n_resamples,
+        block_length,
+        seed,
+        renormalized_from,
+        groups,
+        probe_chunk,
     )
     c, d, _ = read[0].shape
     data_vars = {

@@ -23,7 +23,7 @@ def demo(
     quick: Annotated[bool, typer.Option(help="Tiny sizes, for a smoke test.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Train a small byte-level transformer and sample every attention head."""
+    """Sample every attention head of the shipped byte-level demo transformer."""
     from bayes_susc.demo import DemoSettings, run_demo
 
     settings = DemoSettings.quick() if quick else DemoSettings()

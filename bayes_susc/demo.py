@@ -1,12 +1,15 @@
-"""A small end-to-end run: train a byte-level attention-only transformer on standard-library
-code and pydoc prose, sample every head's local posterior, save one InferenceData per
-head, then the response matrix (χ with intervals and statuses) and its figures.
+"""A small end-to-end run: take the shipped byte-level attention-only transformer (2 layers x
+8 heads, trained on standard-library code and pydoc prose, with induction heads: see
+:mod:`bayes_susc.models.train_demo`), sample every head's local posterior, save one
+InferenceData per head, then the response matrix (χ with intervals and statuses) and its
+figures.
 
-Run folder layout: ``model.pt`` (state dict), ``head_roles.nc`` (attention-pattern role
-scores of every head, :mod:`bayes_susc.head_roles`), ``components/<head>.nc`` (draws),
-``response_matrix.nc``, ``summary.json``, ``report.html`` with its ``figures/*.png``
-(:mod:`bayes_susc.report`). Finished heads are not recomputed when the run is resumed;
-every file is written atomically, so a killed run leaves no partial files.
+Run folder layout: ``model.safetensors`` (a copy of the shipped checkpoint; nothing is
+trained at run time), ``head_roles.nc`` (attention-pattern role scores of every head,
+:mod:`bayes_susc.head_roles`), ``components/<head>.nc`` (draws), ``response_matrix.nc``,
+``summary.json``, ``report.html`` with its ``figures/*.png`` (:mod:`bayes_susc.report`).
+Finished heads are not recomputed when the run is resumed; every file is written
+atomically, so a killed run leaves no partial files.
 """
 
 from __future__ import annotations
@@ -18,26 +21,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bayes_susc.models.train_demo import ROLE_VOCAB as _ROLE_VOCAB
+from bayes_susc.models.train_demo import demo_role_scores
 from bayes_susc.posterior import LocalPosterior
 from bayes_susc.sampling import sample
 from bayes_susc.storage import atomic_write, get_group, load, save
 from bayes_susc.susceptibility import susceptibility
 
+#: The shipped demo checkpoint (safetensors) and its config + training record (JSON).
+DEMO_CHECKPOINT = Path(__file__).parent / "models" / "demo_model.safetensors"
+
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo run (``quick`` shrinks them for tests)."""
+    """Sizes of the demo run (``quick`` shrinks them for tests).
+
+    The architecture fields must match the shipped checkpoint (2 layers x 8 heads,
+    d_model 64, d_head 16, 64-byte context). ``n_train`` windows split into minibatches
+    of ``batch_size`` feed the SGLD gradients; ``n_eval`` windows are the evaluation set
+    E of φ; ``n_probe`` windows give ``n_probe * (seq_len - 1)`` probe tokens (code and
+    prose mixed). ``heads`` names the heads to sample (``None``: all 16).
+    """
 
     n_layers: int = 2
-    n_heads: int = 4
+    n_heads: int = 8
     d_model: int = 64
     d_head: int = 16
     seq_len: int = 64
-    train_steps: int = 400
     n_train: int = 256
     batch_size: int = 16
     n_eval: int = 16
-    n_probe: int = 8
+    n_probe: int = 64  # 64 x 63 = 4,032 probe tokens
     num_chains: int = 4
     num_draws: int = 200
     num_burnin: int = 100
@@ -45,15 +59,26 @@ class DemoSettings:
     nbeta: float = 30.0
     gamma: float = 300.0
     seed: int = 0
+    heads: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # A summary.json round trip turns the tuple into a list; keep it a (hashable) tuple.
+        if self.heads is not None:
+            object.__setattr__(self, "heads", tuple(str(h) for h in self.heads))
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(n_heads=2, train_steps=60, n_train=64, n_probe=4, num_draws=20, num_burnin=10)
+        """Tiny sampling sizes for tests: the 4 heads of :data:`QUICK_HEADS`, 64 training
+        windows, 4 probe sequences (252 tokens), 4 chains x (10 burn-in + 20) draws."""
+        return cls(n_train=64, n_probe=4, num_draws=20, num_burnin=10, heads=QUICK_HEADS)
 
+
+#: Heads the quick settings sample: the first two of layer 0 and two of layer 1.
+QUICK_HEADS = ("L0H0", "L0H1", "L1H0", "L1H1")
 
 #: Tokens of the random blocks used for the induction / duplicate-token scores: the
 #: printable ASCII bytes, which the byte-level demo model has seen in training.
-ROLE_VOCAB = tuple(range(32, 127))
+ROLE_VOCAB = _ROLE_VOCAB
 
 
 def _demo_model(s: DemoSettings):
@@ -65,32 +90,40 @@ def _demo_model(s: DemoSettings):
     return AttnOnlyTransformer(cfg, generator=s.seed)
 
 
+def _check_shipped_config(s: DemoSettings) -> None:
+    """Raise ValueError when ``s`` describes another architecture than the shipped model."""
+    cfg = json.loads(DEMO_CHECKPOINT.with_suffix(".json").read_text())["config"]
+    want = {k: cfg[k] for k in ("n_layers", "n_heads", "d_model", "d_head")}
+    want["seq_len"] = cfg["n_ctx"]
+    got = {k: getattr(s, k) for k in want}
+    if got != want:
+        raise ValueError(f"the shipped demo model has {want}; the settings ask for {got}")
+
+
 def trained_demo_model(out: Path, s: DemoSettings):
-    """The run folder's demo model in eval mode: loaded from ``out/model.pt`` (with
-    ``weights_only=True``), or trained from ``s`` and saved there atomically first."""
-    from bayes_susc.models.corpus import mixed_corpus
-    from bayes_susc.models.train import train
+    """The run folder's demo model in eval mode.
+
+    Loaded from ``out/model.safetensors`` (or a legacy ``out/model.pt`` state dict, read
+    with ``weights_only=True``); when the folder has neither, the shipped checkpoint
+    (:data:`DEMO_CHECKPOINT`) is copied there first (atomically). Nothing is trained.
+    """
+    import shutil
 
     out = Path(out)
-    checkpoint = out / "model.pt"
-    if checkpoint.exists():
-        return load_demo_model(out, s)
-    torch.manual_seed(s.seed)
-    model = _demo_model(s)
-    tokens, _ = mixed_corpus(s.n_train, s.seq_len, seed=s.seed)
-    train(model, tokens, steps=s.train_steps, batch_size=s.batch_size, lr=3e-3, seed=s.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(checkpoint, lambda tmp: torch.save(model.state_dict(), tmp))
-    return model.eval()
+    if not (out / "model.safetensors").exists() and not (out / "model.pt").exists():
+        _check_shipped_config(s)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "model.safetensors", lambda tmp: shutil.copyfile(DEMO_CHECKPOINT, tmp))
+    return load_demo_model(out, s)
 
 
 def calibration_inputs(
     run_dir: str = "runs/demo", heads: tuple[str, ...] = ("L0H0", "L1H0"), n_probe: int = 2
 ) -> dict:
     """Inputs of :func:`bayes_susc.calibration.calibrate` for the demo model (the factory
-    of ``examples/calibrate_demo.toml``): the run folder's model (trained first if the
-    folder has none), its training batches and evaluation set, ``n_probe`` probe
-    sequences, and the named heads."""
+    of ``examples/calibrate_demo.toml``): the run folder's model (the shipped checkpoint
+    is copied there first if the folder has none), its training batches and evaluation
+    set, ``n_probe`` probe sequences, and the named heads."""
     from bayes_susc.models.attn_only import head_components, next_token_loss
     from bayes_susc.models.corpus import mixed_corpus
 
@@ -114,21 +147,26 @@ def calibration_inputs(
 
 
 def load_demo_model(out: Path, settings: DemoSettings):
-    """The trained demo model of run folder ``out`` (from ``out/model.pt``), in eval mode."""
+    """The demo model of run folder ``out``, in eval mode: from ``out/model.safetensors``
+    (no pickle), else from a legacy ``out/model.pt`` state dict (``weights_only=True``)."""
     model = _demo_model(settings)
-    model.load_state_dict(torch.load(Path(out) / "model.pt", weights_only=True))
+    path = Path(out) / "model.safetensors"
+    if path.exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(Path(out) / "model.pt", weights_only=True)
+    model.load_state_dict(state)
     return model.eval()
 
 
 def demo_head_roles(model, s: DemoSettings):
-    """Head-role scores of the demo model: position scores on evaluation text, induction
-    and duplicate-token scores on 32 printable-ASCII blocks of ``seq_len // 2`` bytes
-    repeated twice."""
-    from bayes_susc.head_roles import head_role_scores
-    from bayes_susc.models.corpus import mixed_corpus
-
-    eval_tokens, _ = mixed_corpus(s.n_eval, s.seq_len, seed=s.seed + 1)
-    return head_role_scores(model, eval_tokens, n_repeats=32, vocab=ROLE_VOCAB, seed=s.seed)
+    """Head-role scores of the demo model: position scores on the ``n_eval`` evaluation
+    windows, induction and duplicate-token scores on 32 printable-ASCII blocks of
+    ``seq_len // 2`` bytes repeated twice (:func:`bayes_susc.models.train_demo.demo_role_scores`,
+    the scores the training script prints and the checkpoint's JSON records)."""
+    return demo_role_scores(model, n_eval=s.n_eval, seed=s.seed)
 
 
 def run_demo(
@@ -175,8 +213,15 @@ def run_demo(
         str(c): {name: round(float(roles[name].sel(component=c)), 4) for name in roles.data_vars}
         for c in roles["component"].values
     }
+    components = head_components(model)
+    if s.heads is not None:
+        by_name = {c.name: c for c in components}
+        unknown = sorted(set(s.heads) - set(by_name))
+        if unknown:
+            raise ValueError(f"heads {unknown} are not demo heads; choose from {sorted(by_name)}")
+        components = [c for c in components if c.name in s.heads]  # keep the model's order
     runs = {}
-    for component in head_components(model):
+    for component in components:
         path = out / "components" / f"{component.name}.nc"
         if path.exists():
             data = load(path)

@@ -1,11 +1,12 @@
 """A self-contained HTML report of a run folder (the ``bayes-susc demo`` layout).
 
 :func:`write_report` reads ``response_matrix.nc``, ``components/*.nc``, ``summary.json``
-and ``head_roles.nc`` (recomputed from ``model.pt`` when missing and the run is a demo
-run) and writes ``report.html``: settings, status counts, a convergence table, the heat
-map with flagged cells, PCA (scores coloured by data set, loadings, explained variance),
-k-means clusters of the PCA scores with example tokens in context, trace plots of φ, and
-the head-role scores beside the PC loadings with their correlations. Figures are PNGs
+and ``head_roles.nc`` (recomputed from ``model.safetensors`` when missing and the run is a
+demo run) and writes ``report.html``: a summary, the heat map with flagged cells, PCA
+(scores coloured by data set, loadings), the head-role scores beside the PC loadings with
+their correlations, k-means clusters of the PCA scores with example tokens in context,
+explained variance, status counts, a convergence table, trace health, trace plots of φ,
+and the settings. Figures are PNGs
 embedded as base64 (and also saved under ``figures/``), so the HTML file stands alone.
 Every number shown comes from :mod:`bayes_susc.response_matrix`, the stored draws or
 :mod:`bayes_susc.head_roles`; this module only lays them out.
@@ -27,20 +28,33 @@ import xarray as xr
 
 from bayes_susc.storage import atomic_write
 
-__all__ = ["SECTIONS", "induction_separation", "write_report"]
+__all__ = ["SECTIONS", "induction_separation", "open_in_browser", "write_report"]
+
+#: Flags for headless Chromium on a machine without a display or outside network.
+CHROMIUM_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 
 #: Section headings of the report, in order.
 SECTIONS = (
-    "Settings",
+    "Summary",
+    "Response matrix",
+    "Principal components",
+    "Head roles",
+    "Clusters",
+    "Explained variance",
     "Status counts",
     "Convergence",
     "Trace health",
-    "Response matrix",
-    "Principal components",
-    "Explained variance",
-    "Clusters",
     "Trace plots",
-    "Head roles",
+    "Settings",
 )
 
 _PAGE = string.Template(
@@ -128,16 +142,7 @@ def write_report(run_dir: str | Path, *, n_clusters: int = 4, n_examples: int = 
         parts.append(f"<h2>{html.escape(next(sec))}</h2>{extra}")
 
     heading()
-    parts.append(_settings_table(summary, matrix, roles))
-    heading()
-    parts.append(_status_table(matrix))
-    heading()
-    parts.append(_convergence_table(matrix, runs))
-    heading(
-        '<p class="note">Checks of each head\'s traces (bayes_susc.health); each row ends '
-        "with the action its worst check suggests.</p>"
-    )
-    parts.append(_health_table(runs))
+    parts.append(_summary(matrix, roles, res))
     heading(
         '<p class="note">χ per probe token (rows) and head (columns); × marks an entry '
         "whose status is not ok.</p>"
@@ -150,7 +155,7 @@ def write_report(run_dir: str | Path, *, n_clusters: int = 4, n_examples: int = 
     parts.append(figure(plots.pca_scatter(res, color_by="dataset"), "pca_scatter", "PCA scores"))
     parts.append(figure(plots.pca_loadings(res), "pca_loadings", "PCA loadings"))
     heading()
-    parts.append(figure(plots.explained_variance(res), "explained_variance", "scree plot"))
+    parts.append(_roles_section(roles, res))
     heading(
         f'<p class="note">k-means (k = {k}) on the probes\' PCA scores; the '
         f"{n_examples} probes nearest each centroid, token marked ⟦…⟧.</p>"
@@ -158,9 +163,20 @@ def write_report(run_dir: str | Path, *, n_clusters: int = 4, n_examples: int = 
     parts.append(figure(plots.pca_scatter(res, color_by=labels), "pca_clusters", "clusters"))
     parts.append(_cluster_table(labels, examples))
     heading()
+    parts.append(figure(plots.explained_variance(res), "explained_variance", "scree plot"))
+    heading()
+    parts.append(_status_table(matrix))
+    heading()
+    parts.append(_convergence_table(matrix, runs))
+    heading(
+        '<p class="note">Checks of each head\'s traces (bayes_susc.health); each row ends '
+        "with the action its worst check suggests.</p>"
+    )
+    parts.append(_health_table(runs))
+    heading()
     parts.append(_traces(runs, plots, plt, figure))
     heading()
-    parts.append(_roles_section(roles, res))
+    parts.append(_settings_table(summary, matrix, roles))
 
     title = "bayes_susc report"
     page = _PAGE.substitute(
@@ -194,7 +210,8 @@ def _head_roles(run_dir: Path, summary: dict) -> xr.Dataset | None:
 
     # Only a demo run's settings rebuild its model; a user's run may keep a model.pt too.
     demo_keys = {f.name for f in fields(DemoSettings)}
-    if (run_dir / "model.pt").is_file() and set(summary.get("settings", {})) == demo_keys:
+    has_model = (run_dir / "model.safetensors").is_file() or (run_dir / "model.pt").is_file()
+    if has_model and set(summary.get("settings", {})) == demo_keys:
         settings = DemoSettings(**summary["settings"])
         return demo_head_roles(load_demo_model(run_dir, settings), settings)
     return None
@@ -233,6 +250,39 @@ def _settings_table(summary: dict, matrix: xr.Dataset, roles: xr.Dataset | None)
         rows = [[key, v] for key, v in roles.attrs.items()]
         out += "<h3>Head-role scores</h3>" + _table(["setting", "value"], rows, 2)
     return out
+
+
+def _summary(matrix: xr.Dataset, roles: xr.Dataset | None, res: xr.Dataset) -> str:
+    """Headline figures: size, statuses, variance explained, best-separating PC."""
+    status = matrix["status"].values
+    n_probe, n_comp = matrix.sizes["probe"], matrix.sizes["component"]
+    ok = int((status == "ok").sum())
+    names, counts = np.unique(status, return_counts=True)
+    flagged = ", ".join(f"{n}: {c}" for n, c in zip(names, counts) if n != "ok") or "none"
+    ratios = res["explained_variance_ratio"].values
+    items = [
+        f"<li>{n_probe:,} probe items × {n_comp} components = {status.size:,} entries, each "
+        "with a χ estimate, an interval, R-hat, ESS and a status.</li>",
+        f"<li>Status ok: {ok:,} ({100 * ok / status.size:.1f} %); flagged — "
+        f"{html.escape(flagged)}.</li>",
+        "<li>Variance explained by the principal components: "
+        + ", ".join(f"PC{i + 1} {100 * r:.1f} %" for i, r in enumerate(ratios))
+        + ".</li>",
+    ]
+    if roles is not None and "induction" in roles and n_comp >= 3:
+        load = res["loadings"].transpose("component", "pc")
+        comps = [str(c) for c in load["component"].values]
+        n_top = max(1, n_comp // 4)
+        sep = induction_separation(load, roles["induction"].sel(component=comps), n_top)
+        best = int(sep["pc"].values[int(np.argmax(sep.values))])
+        top = np.argsort(-roles["induction"].sel(component=comps).values, kind="stable")[:n_top]
+        items.append(
+            f"<li>Induction heads (top {n_top} by induction score: "
+            f"{html.escape(', '.join(comps[i] for i in top))}): best separated on PC{best}, "
+            f"margin {float(sep.max()):.2f} (positive = apart from every other head; "
+            "see Head roles).</li>"
+        )
+    return "<ul>" + "".join(items) + "</ul>"
 
 
 def _status_table(matrix: xr.Dataset) -> str:
@@ -349,9 +399,11 @@ def induction_separation(loadings: xr.DataArray, scores: xr.DataArray, n_top: in
     """How well each PC's loadings separate the ``n_top`` highest-scoring heads from the rest.
 
     For each ``pc``: the margin min(top) − max(rest) of the loadings, or of the negated
-    loadings when that is larger (the sign of a PC is arbitrary), divided by the range of
-    the loadings. A positive margin means the PC alone puts the top heads apart from all
-    others; 1 is the largest possible.
+    loadings when that is larger (the sign of a PC is arbitrary), divided by the largest
+    absolute loading. A positive margin means the PC alone puts the top heads apart from
+    all others; 2 is the largest possible (top and rest at opposite extremes). Dividing by
+    the largest loading rather than by the loadings' range keeps a small gap small on a
+    common-mode PC where every head loads about equally.
 
     Args:
         loadings: (component, pc) from :func:`bayes_susc.response_matrix.pca`.
@@ -367,7 +419,7 @@ def induction_separation(loadings: xr.DataArray, scores: xr.DataArray, n_top: in
     margins = []
     for pc in loadings["pc"].values:
         x = loadings.sel(pc=pc).transpose("component").values
-        span = np.ptp(x) if np.ptp(x) > 0 else 1.0
+        span = np.abs(x).max() if np.abs(x).max() > 0 else 1.0
         m = max(x[top].min() - x[~top].max(), (-x)[top].min() - (-x)[~top].max())
         margins.append(m / span)
     return xr.DataArray(np.array(margins), dims="pc", coords={"pc": loadings["pc"].values})
@@ -422,7 +474,60 @@ def _roles_section(roles: xr.Dataset | None, res: xr.Dataset) -> str:
             f'<p class="note">Top {n_top} head(s) by induction score: '
             f"{html.escape(', '.join(top))}. "
             "Margin = gap between their loadings and all other heads' on one PC, over "
-            "the loading range; positive = separated.</p>"
+            "the largest absolute loading; positive = separated.</p>"
             + _table(["PC", "margin"], [[f"PC{p}", float(sep.sel(pc=p))] for p in pcs])
         )
     return out
+
+
+def open_in_browser(
+    report: str | Path,
+    *,
+    screenshot: str | Path | None = None,
+    chromium: str = "/usr/bin/chromium",
+    width: int = 1100,
+    height: int = 900,
+) -> dict[str, Any]:
+    """Load a report in headless Chromium (through Playwright) and say what went wrong.
+
+    Args:
+        report: path of an HTML report.
+        screenshot: where to write a PNG of the first ``width`` × ``height`` pixels.
+        chromium: the Chromium executable (Debian's ``chromium`` package by default;
+            Playwright's own browser download is not used).
+        width, height: viewport size in CSS pixels.
+
+    Returns:
+        ``{"errors": [...], "images": [(alt, natural width in px), ...], "title": str}``;
+        errors collects uncaught page errors, console errors and failed requests.
+
+    Raises:
+        ImportError: Playwright is not installed (``pip install playwright``).
+        FileNotFoundError: ``report`` or ``chromium`` does not exist.
+    """
+    from playwright.sync_api import sync_playwright
+
+    report = Path(report).resolve()
+    if not report.is_file():
+        raise FileNotFoundError(f"report {report} does not exist")
+    if not Path(chromium).is_file():
+        raise FileNotFoundError(f"chromium executable {chromium} not found")
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=list(CHROMIUM_ARGS))
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+            page.on(
+                "console",
+                lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None,
+            )
+            page.on("requestfailed", lambda req: errors.append(f"request failed: {req.url}"))
+            page.goto(report.as_uri(), wait_until="load")
+            images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.naturalWidth])")
+            title = page.title()
+            if screenshot is not None:
+                page.screenshot(path=str(screenshot))
+        finally:
+            browser.close()
+    return {"errors": errors, "images": [tuple(i) for i in images], "title": title}

@@ -87,7 +87,7 @@ working directory.
 
 Run folder
 ----------
-The demo's layout, minus its demo-only files (``model.pt``, ``head_roles.nc``):
+The demo's layout, minus its demo-only files (``model.safetensors``, ``head_roles.nc``):
 ``config.toml`` (copy of the config), ``run_info.json`` (the model/data/sampling settings
 and a fingerprint of the anchor weights, checked on resume: a run folder is never
 continued with different weights or sampling settings), ``components/<name>.nc``,

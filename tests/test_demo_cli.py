@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from bayes_susc import get_group, load
 from bayes_susc.cli import app
+from bayes_susc.demo import DEMO_CHECKPOINT
 from bayes_susc.response_matrix import load_response_matrix
 
 
@@ -41,7 +42,11 @@ def test_demo_quick_writes_results_and_resumes(tmp_path):
     }
     assert summary["report"] == str(tmp_path / "report.html")
     assert result.output.rstrip().splitlines()[-1] == f"report: {tmp_path / 'report.html'}"
-    assert set(summary["head_roles"]) == {"L0H0", "L0H1", "L1H0", "L1H1"}
+    # Role scores of all 16 heads of the shipped model, though quick samples only 4.
+    assert set(summary["head_roles"]) == {f"L{lay}H{h}" for lay in range(2) for h in range(8)}
+    assert summary["settings"]["heads"] == ["L0H0", "L0H1", "L1H0", "L1H1"]
+    # The run folder holds a byte copy of the shipped checkpoint (nothing trained).
+    assert (tmp_path / "model.safetensors").read_bytes() == DEMO_CHECKPOINT.read_bytes()
     for name in ("heatmap", "pca_scatter", "pca_loadings", "explained_variance"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000
     mtimes = [f.stat().st_mtime_ns for f in files]

@@ -22,9 +22,22 @@ def demo(
     ),
     quick: Annotated[bool, typer.Option(help="Tiny sizes, for a smoke test.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="torch intra-op threads (default: torch's choice, one per core). On a "
+            "machine shared with other busy processes, 1 is often faster.",
+        ),
+    ] = None,
 ) -> None:
     """Sample every attention head of the shipped byte-level demo transformer."""
+    import torch
+
     from bayes_susc.demo import DemoSettings, run_demo
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     settings = DemoSettings.quick() if quick else DemoSettings()
     summary = run_demo(out, settings, progress=progress)

@@ -470,7 +470,8 @@ def sample_components(
             with defaults), or an executor instance.
         chains_per_job: chains per job; must divide ``num_chains``. ``None``: one job per
             component with all its chains.
-        nbeta, gamma: the local posterior's nβ and γ (:class:`LocalPosterior`).
+        nbeta: the local posterior's nβ (:class:`LocalPosterior`).
+        gamma: the local posterior's γ.
         **sample_kwargs: :func:`bayes_susc.sampling.sample` keywords (``kernel``,
             ``num_chains``, ``num_draws``, ``seed``, kernel hyperparameters, ...), except
             those the problem supplies (data, probe coordinates) and ``chains``.

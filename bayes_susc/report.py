@@ -495,7 +495,8 @@ def open_in_browser(
         screenshot: where to write a PNG of the first ``width`` × ``height`` pixels.
         chromium: the Chromium executable (Debian's ``chromium`` package by default;
             Playwright's own browser download is not used).
-        width, height: viewport size in CSS pixels.
+        width: viewport width in CSS pixels.
+        height: viewport height in CSS pixels.
 
     Returns:
         ``{"errors": [...], "images": [(alt, natural width in px), ...], "title": str}``;

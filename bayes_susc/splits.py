@@ -196,7 +196,9 @@ class AttnOnlyHeadSplit(ForwardSplit):
         self.frozen = {
             self.prefix_name + n: p.detach() for n, p in model.blocks[layer].attn.named_parameters()
         }
-        self.later = [(b.ln1, _FusedAttention(b.attn)) for b in model.blocks[layer + 1 :]]
+        self.later = [
+            (b.ln1, _FusedAttention(b.attn, b.attn.scale)) for b in model.blocks[layer + 1 :]
+        ]
         self.W_U = model.unembed.W_U.detach()
         self.b_U = model.unembed.b_U.detach()
 
@@ -223,16 +225,18 @@ class AttnOnlyHeadSplit(ForwardSplit):
 
 
 class _FusedAttention:
-    """A frozen :class:`~bayes_susc.models.attn_only.Attention` layer as three matrix
-    products: fused Q/K/V projection, fused causal attention, output projection.
+    """A frozen causal attention layer with per-head weights (``W_Q/W_K/W_V`` (n, d, e),
+    ``W_O`` (n, e, d), biases ``b_Q/b_K/b_V`` (n, e), ``b_O`` (d,): the package's model
+    and TransformerLens) as three kernels: fused Q/K/V projection, fused causal attention
+    (no (pos × pos) score tensor in memory), output projection. ``scale`` multiplies q·k.
 
     ``(x)`` with x (batch, pos, d_model) -> the layer's output (batch, pos, d_model).
     """
 
-    def __init__(self, attn: nn.Module) -> None:
+    def __init__(self, attn: nn.Module, scale: float) -> None:
         n, d, e = attn.W_Q.shape
         self.shape = (3, n, e)
-        self.scale = attn.scale
+        self.scale = scale
         weights = torch.cat([attn.W_Q, attn.W_K, attn.W_V]).detach()  # (3n, d, e)
         self.W_qkv = weights.permute(1, 0, 2).reshape(d, 3 * n * e)
         self.b_qkv = torch.cat([attn.b_Q, attn.b_K, attn.b_V]).detach().reshape(-1)
@@ -264,7 +268,7 @@ class TransformerLensHeadSplit(ForwardSplit):
     The prefix runs the model to block ``layer`` (``stop_at_layer``), takes every head's
     ``z`` from the block's attention, and keeps the residual plus the other heads'
     output; the suffix adds each replica's head output, and runs the block's MLP (if
-    any) and the later blocks (``start_at_layer``) on all replicas as one batch.
+    any) and the later blocks (their attention fused) on all replicas as one batch.
     """
 
     name = "transformer_lens_head"
@@ -275,6 +279,11 @@ class TransformerLensHeadSplit(ForwardSplit):
         self.frozen = {
             self.prefix_name + n: p.detach() for n, p in model.blocks[layer].attn.named_parameters()
         }
+        # Later blocks' attention fused (TransformerLens materializes and masks the
+        # scores tensor in several passes; the replicas make it 4x larger still).
+        self.later = [
+            _FusedAttention(b.attn, 1.0 / b.attn.attn_scale) for b in model.blocks[layer + 1 :]
+        ]
 
     def prefix(self, tokens: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         if kwargs:
@@ -302,10 +311,11 @@ class TransformerLensHeadSplit(ForwardSplit):
         resid = _fold(partial + out)
         if not model.cfg.attn_only:
             resid = resid + block.apply_mlp(block.ln2(resid))
-        if self.layer + 1 == model.cfg.n_layers:
-            logits = model.unembed(model.ln_final(resid))
-        else:
-            logits = model(resid, start_at_layer=self.layer + 1)
+        for later, attention in zip(model.blocks[self.layer + 1 :], self.later):
+            resid = resid + attention(later.ln1(resid))
+            if not model.cfg.attn_only:
+                resid = resid + later.apply_mlp(later.ln2(resid))
+        logits = model.unembed(model.ln_final(resid))
         return logits.reshape(out.shape[:2] + logits.shape[1:])
 
 

@@ -1,0 +1,59 @@
+"""The side-by-side benchmark's agreement machinery against devinterp, at a tiny size.
+
+Runs ``benchmarks.vs_devinterp.run_benchmark`` on a 1-layer, 2-head TransformerLens model
+(d_model 32, 32-token sequences), one head plus the unrestricted run, 4 chains × 150
+draws on both sides, and checks that bayes_susc's renormalized χ agrees with devinterp's
+``susceptibilities()`` output: the peer's numbers are reproduced from its own draws, and
+the two sides' per-token χ correlate and mostly lie inside the combined Monte Carlo
+interval. ε = 5e-3 (not the benchmark's 1e-3) so that 150 draws mix well enough for a
+per-token comparison; both sides use the same ε. Takes ≈ 30 s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("devinterp") is None
+    or importlib.util.find_spec("transformer_lens") is None,
+    reason="needs the benchmark extra: pip install -c constraints.txt -e '.[bench]' "
+    "(devinterp 2.0.1 and TransformerLens 3.x)",
+)
+
+
+def test_renormalized_chi_agrees_with_devinterp(tmp_path):
+    from benchmarks.vs_devinterp import FULL, run_benchmark
+
+    cfg = dataclasses.replace(
+        FULL,
+        n_layers=1,
+        n_heads=2,
+        d_model=32,
+        d_head=8,
+        n_ctx=32,
+        seq_len=32,
+        train_steps=100,
+        batch_size=8,
+        num_train_batches=10,
+        num_probe=8,
+        num_draws=150,
+        step_size=5e-3,
+        heads=("L0H1",),
+    )
+    results = run_benchmark(cfg, tmp_path)  # one thread: tests/conftest.py
+    json.dumps(results)  # what the script writes must be JSON
+    agree = results["agreement"]
+    assert agree["entries"] == 8 * 31
+    # The peer's χ is exactly its estimator applied to its own stored draws.
+    assert agree["peer_output_reproduced_max_abs_err"] < 1e-5
+    assert agree["pearson_r"] > 0.9
+    assert agree["fraction_within_combined_95"] > 0.8
+    assert results["speedup"] > 0

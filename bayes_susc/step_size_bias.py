@@ -202,9 +202,13 @@ def stiffest_curvature(
     iters = int(iters)
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     batch = posterior.train_batches[0] if batch is None else batch
     v = posterior.anchor_vector.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
+    # Hessian-vector products differentiate twice; fused attention kernels (used by the
+    # shared-prefix splits) have no double backward, the math kernel has.
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         loss = posterior.item_losses(v, batch).mean()
         delta = v - posterior.anchor_vector
         potential = posterior.nbeta * loss + 0.5 * posterior.gamma * (delta * delta).sum()

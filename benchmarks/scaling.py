@@ -115,6 +115,7 @@ def _plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
     for ax, (factor, series) in zip(axes, results["series"].items()):
@@ -122,6 +123,8 @@ def _plot(results: dict, path: Path) -> None:
         ax.loglog(x, y, "o-")
         ax.loglog(x, y[0] * x / x[0], ":", color="grey", label="slope 1")
         ax.set_title(f"{factor} (slope {series['loglog_slope']:.2f})", fontsize=9)
+        ax.set_xticks(x, [f"{v:g}" for v in x])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel(factor)
         ax.set_ylabel("seconds")
         ax.legend(fontsize=7)

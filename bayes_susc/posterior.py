@@ -79,9 +79,14 @@ def _same_input(a: Any, b: Any) -> bool:
     return a == b
 
 
+class _Captured(Exception):
+    """Raised by :class:`_Capture` once the model call is recorded: the rest of
+    ``loss_fn`` is not needed, so it is not run."""
+
+
 class _Capture(torch.nn.Module):
     """Stands in for the model in one ``loss_fn`` call at w*: records the call's
-    arguments and the split's prefix for them, and returns the model's own output."""
+    arguments and the split's prefix for them, then stops ``loss_fn`` (:class:`_Captured`)."""
 
     def __init__(self, model: torch.nn.Module, split: ForwardSplit) -> None:
         super().__init__()
@@ -90,10 +95,8 @@ class _Capture(torch.nn.Module):
         self.calls: list[tuple[tuple, dict, Any]] = []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.calls:
-            raise _SplitMismatch("loss_fn called the model more than once per batch")
         self.calls.append((args, kwargs, self.split.prefix(*args, **kwargs)))
-        return self.model(*args, **kwargs)
+        raise _Captured
 
 
 class _Replay(torch.nn.Module):
@@ -286,8 +289,11 @@ class LocalPosterior:
             call, cached = hit[1]
         else:
             capture = _Capture(self.model, self.split)
-            with torch.no_grad():
-                self.loss_fn(capture, batch)
+            try:
+                with torch.no_grad():
+                    self.loss_fn(capture, batch)
+            except _Captured:
+                pass
             if not capture.calls:
                 raise _SplitMismatch("loss_fn did not call the model")
             args, kwargs, cached = capture.calls[0]

@@ -196,21 +196,19 @@ class AttnOnlyHeadSplit(ForwardSplit):
         self.frozen = {
             self.prefix_name + n: p.detach() for n, p in model.blocks[layer].attn.named_parameters()
         }
-        self.later = [
-            (b.ln1, _FusedAttention(b.attn, b.attn.scale)) for b in model.blocks[layer + 1 :]
-        ]
+        fused = [(b.ln1, _FusedAttention(b.attn, b.attn.scale)) for b in model.blocks]
+        self.earlier, self.own, self.later = fused[:layer], fused[layer], fused[layer + 1 :]
         self.W_U = model.unembed.W_U.detach()
         self.b_U = model.unembed.b_U.detach()
 
     def prefix(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        block = self.model.blocks[self.layer]
-        resid = self.model.residual_before(tokens, self.layer)
-        x = block.ln1(resid)
-        attn = block.attn
-        pattern = attn.pattern(x)
-        v = torch.einsum("bpd,hde->bphe", x, attn.W_V) + attn.b_V
-        z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
-        return x, resid + _others_output(z, attn.W_O, attn.b_O, self.head)
+        resid = self.model.embed_tokens(tokens)
+        for ln1, attention in self.earlier:
+            resid = resid + attention(ln1(resid))
+        ln1, attention = self.own
+        x = ln1(resid)
+        attn = self.model.blocks[self.layer].attn
+        return x, resid + _others_output(attention.z(x), attn.W_O, attn.b_O, self.head)
 
     def suffix(self, params: Mapping[str, Tensor], cached: tuple[Tensor, Tensor]) -> Tensor:
         x, partial = cached
@@ -243,12 +241,17 @@ class _FusedAttention:
         self.W_O = attn.W_O.detach().reshape(n * e, d)
         self.b_O = attn.b_O.detach()
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def z(self, x: Tensor) -> Tensor:
+        """Every head's attention-weighted values: x (b, p, d) -> z (b, p, n, e)."""
         b, p, d = x.shape
         qkv = torch.addmm(self.b_qkv, x.reshape(b * p, d), self.W_qkv)
         q, k, v = qkv.reshape((b, p) + self.shape).permute(2, 0, 3, 1, 4)  # 3 x (b, n, p, e)
         z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        z = z.transpose(1, 2).reshape(b * p, -1)
+        return z.transpose(1, 2)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        b, p, d = x.shape
+        z = self.z(x).reshape(b * p, -1)
         return torch.addmm(self.b_O, z, self.W_O).reshape(b, p, d)
 
 
@@ -261,13 +264,26 @@ def _attn_only_factory(model: nn.Module, component: ResolvedComponent) -> Forwar
     return AttnOnlyHeadSplit(model, where[1], where[2])
 
 
+def _fused_layer_norm(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """A frozen TransformerLens ``LayerNorm`` / ``LayerNormPre`` as one fused kernel
+    (theirs is five elementwise passes); any other module is returned as it is.
+    x (..., d_model) -> (..., d_model)."""
+    kind = type(module).__name__
+    if kind == "LayerNorm" and module.cfg.dtype in (torch.float32, torch.float64):
+        w, b, eps = module.w.detach(), module.b.detach(), module.eps
+        return lambda x: F.layer_norm(x, w.shape, w, b, eps)
+    if kind == "LayerNormPre" and module.cfg.dtype in (torch.float32, torch.float64):
+        eps = module.eps
+        return lambda x: F.layer_norm(x, x.shape[-1:], None, None, eps)
+    return module
+
+
 class TransformerLensHeadSplit(ForwardSplit):
     """One head of a TransformerLens 3.x ``HookedTransformer`` (pre-norm blocks, learned
     absolute positions, no rotary/ALiBi, no grouped keys).
 
-    The prefix runs the model to block ``layer`` (``stop_at_layer``), takes every head's
-    ``z`` from the block's attention, and keeps the residual plus the other heads'
-    output; the suffix adds each replica's head output, and runs the block's MLP (if
+    The prefix runs the blocks below ``layer`` and every head of block ``layer`` (their
+    attention fused), and keeps the residual plus the other heads' output; the suffix adds each replica's head output, and runs the block's MLP (if
     any) and the later blocks (their attention fused) on all replicas as one batch.
     """
 
@@ -281,26 +297,26 @@ class TransformerLensHeadSplit(ForwardSplit):
         }
         # Later blocks' attention fused (TransformerLens materializes and masks the
         # scores tensor in several passes; the replicas make it 4x larger still).
-        self.later = [
-            _FusedAttention(b.attn, 1.0 / b.attn.attn_scale) for b in model.blocks[layer + 1 :]
+        fused = [
+            (_fused_layer_norm(b.ln1), _FusedAttention(b.attn, 1.0 / b.attn.attn_scale))
+            for b in model.blocks
         ]
+        self.earlier, self.own, self.later = fused[:layer], fused[layer], fused[layer + 1 :]
+        self.ln_final = _fused_layer_norm(model.ln_final)
 
     def prefix(self, tokens: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         if kwargs:
             raise TypeError(f"unsupported call arguments {sorted(kwargs)}")
-        block = self.model.blocks[self.layer]
-        if self.layer:
-            resid = self.model(tokens, stop_at_layer=self.layer)
-        else:
-            resid = self.model.embed(tokens) + self.model.pos_embed(tokens)
-        x = block.ln1(resid)
-        captured: list[Tensor] = []
-        block.attn.hook_z.add_hook(lambda z, hook: captured.append(z))
-        try:
-            block.attn(query_input=x, key_input=x, value_input=x)
-        finally:
-            block.attn.hook_z.remove_hooks()
-        return x, resid + _others_output(captured[0], block.attn.W_O, block.attn.b_O, self.head)
+        model = self.model
+        resid = model.embed(tokens) + model.pos_embed(tokens)
+        for block, (ln1, attention) in zip(model.blocks, self.earlier):
+            resid = resid + attention(ln1(resid))
+            if not model.cfg.attn_only:
+                resid = resid + block.apply_mlp(block.ln2(resid))
+        ln1, attention = self.own
+        x = ln1(resid)
+        attn = model.blocks[self.layer].attn
+        return x, resid + _others_output(attention.z(x), attn.W_O, attn.b_O, self.head)
 
     def suffix(self, params: Mapping[str, Tensor], cached: tuple[Tensor, Tensor]) -> Tensor:
         x, partial = cached
@@ -311,11 +327,11 @@ class TransformerLensHeadSplit(ForwardSplit):
         resid = _fold(partial + out)
         if not model.cfg.attn_only:
             resid = resid + block.apply_mlp(block.ln2(resid))
-        for later, attention in zip(model.blocks[self.layer + 1 :], self.later):
-            resid = resid + attention(later.ln1(resid))
+        for later, (ln1, attention) in zip(model.blocks[self.layer + 1 :], self.later):
+            resid = resid + attention(ln1(resid))
             if not model.cfg.attn_only:
                 resid = resid + later.apply_mlp(later.ln2(resid))
-        logits = model.unembed(model.ln_final(resid))
+        logits = model.unembed(self.ln_final(resid))
         return logits.reshape(out.shape[:2] + logits.shape[1:])
 
 

@@ -142,16 +142,32 @@ def test_wrong_split_warns_and_falls_back():
     assert posterior.split is None
 
 
-def test_loss_calling_model_twice_falls_back():
+def test_loss_calling_model_on_other_inputs_falls_back():
     model = _model()
     component = head_components(model)[4]
 
-    def twice(m, tokens):
+    def halves(m, tokens):  # two model calls, on inputs that are not the batch
+        return torch.cat([next_token_loss(m, tokens[:, :8]), next_token_loss(m, tokens[:, 8:])], 1)
+
+    with pytest.warns(UserWarning, match="inputs not of its batch"):
+        posterior = LocalPosterior(model, halves, [_tokens(2, 0)], component)
+    assert posterior.split is None
+
+    def twice(m, tokens):  # the same call twice: replayed, and the split stays
         return 0.5 * (next_token_loss(m, tokens) + next_token_loss(m, tokens))
 
-    with pytest.warns(UserWarning, match="more than once"):
-        posterior = LocalPosterior(model, twice, [_tokens(2, 0)], component)
-    assert posterior.split is None
+    fast = LocalPosterior(model, twice, [_tokens(2, 0)], component)
+    assert fast.split is not None
+    plain = LocalPosterior(model, twice, [_tokens(2, 0)], component, split=None)
+    positions = fast.anchor_vector + 0.1 * torch.randn(
+        2, fast.dim, generator=torch.Generator().manual_seed(5)
+    )
+    torch.testing.assert_close(
+        fast.batch_item_losses(positions, [_tokens(3, 1)]),
+        plain.batch_item_losses(positions, [_tokens(3, 1)]),
+        rtol=0,
+        atol=1e-5,
+    )
 
 
 def test_registered_split_is_used_and_removed():
@@ -182,7 +198,7 @@ def test_transformer_lens_head_split_matches_plain():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        for attn_only in (True, False):
+        for attn_only, norm in ((True, "LN"), (False, "LN"), (True, "LNPre")):
             cfg = tl.HookedTransformerConfig(
                 n_layers=2,
                 d_model=32,
@@ -193,7 +209,7 @@ def test_transformer_lens_head_split_matches_plain():
                 act_fn="gelu",
                 attn_only=attn_only,
                 seed=0,
-                normalization_type="LN",
+                normalization_type=norm,
             )
             model = tl.HookedTransformer(cfg)
             tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))

@@ -283,8 +283,9 @@ class TransformerLensHeadSplit(ForwardSplit):
     absolute positions, no rotary/ALiBi, no grouped keys).
 
     The prefix runs the blocks below ``layer`` and every head of block ``layer`` (their
-    attention fused), and keeps the residual plus the other heads' output; the suffix adds each replica's head output, and runs the block's MLP (if
-    any) and the later blocks (their attention fused) on all replicas as one batch.
+    attention fused), and keeps the residual plus the other heads' output; the suffix
+    adds each replica's head output, and runs the block's MLP (if any) and the later
+    blocks (their attention fused) on all replicas as one batch.
     """
 
     name = "transformer_lens_head"

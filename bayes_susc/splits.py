@@ -345,7 +345,13 @@ def _transformer_lens_factory(
     cfg = getattr(model, "cfg", None)
     if where is None or where[0] or cfg is None:
         return None
-    standard = (
+    return TransformerLensHeadSplit(model, where[1], where[2]) if _standard_tl(cfg) else None
+
+
+def _standard_tl(cfg: Any) -> bool:
+    """A pre-norm causal TransformerLens config with learned absolute positions and
+    one key/value per head (what the fused code paths reproduce)."""
+    return (
         cfg.positional_embedding_type == "standard"
         and not cfg.parallel_attn_mlp
         and not getattr(cfg, "use_normalization_before_and_after", False)
@@ -354,8 +360,92 @@ def _transformer_lens_factory(
         and not getattr(cfg, "use_attn_in", False)
         and getattr(cfg, "attention_dir", "causal") == "causal"
     )
-    return TransformerLensHeadSplit(model, where[1], where[2]) if standard else None
 
 
+class TransformerLensReplicaForward(ForwardSplit):
+    """Any component of an attention-only TransformerLens ``HookedTransformer`` (standard
+    positions, LayerNorm or LayerNormPre): the whole forward pass for all replicas at
+    once, each with its own copy of the component's weights (frozen weights broadcast),
+    attention fused. Nothing is shared before the component (the prefix is the tokens),
+    but TransformerLens's forward under ``vmap`` materializes and masks every
+    (pos × pos) score tensor per replica, which this avoids — the path an unrestricted
+    run ("full") takes.
+    """
+
+    name = "transformer_lens_replicas"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.cfg = model.cfg
+        self.frozen = {n: p.detach() for n, p in model.named_parameters()}
+
+    def prefix(self, tokens: Tensor, **kwargs: Any) -> Tensor:
+        if kwargs:
+            raise TypeError(f"unsupported call arguments {sorted(kwargs)}")
+        return tokens
+
+    def _w(self, params: Mapping[str, Tensor], name: str) -> Tensor:
+        """Weight ``name`` per replica, (R or 1, *shape)."""
+        return params[name] if name in params else self.frozen[name].unsqueeze(0)
+
+    def _norm(self, params: Mapping[str, Tensor], prefix: str, x: Tensor) -> Tensor:
+        """x (R, b, p, d) through the LayerNorm named ``prefix`` (per-replica affine)."""
+        out = F.layer_norm(x, x.shape[-1:], None, None, self.cfg.eps)
+        if prefix + "w" in self.frozen:
+            w, b = self._w(params, prefix + "w"), self._w(params, prefix + "b")
+            out = out * w[:, None, None, :] + b[:, None, None, :]
+        return out
+
+    def suffix(self, params: Mapping[str, Tensor], cached: Tensor) -> Tensor:
+        tokens = cached
+        replicas = next(iter(params.values())).shape[0]
+        b, p = tokens.shape
+        resid = (
+            self._w(params, "embed.W_E")[:, tokens]
+            + self._w(params, "pos_embed.W_pos")[:, None, :p]
+        )
+        resid = resid.expand((replicas,) + resid.shape[1:])
+        for layer, block in enumerate(self.model.blocks):
+            pre = f"blocks.{layer}."
+            x = self._norm(params, pre + "ln1.", resid)
+
+            def proj(w: str, bias: str, x: Tensor = x, pre: str = pre) -> Tensor:
+                weight, offset = self._w(params, pre + w), self._w(params, pre + bias)
+                out = torch.einsum("rbpd,rhde->rbhpe", x, weight)
+                return (out + offset[:, None, :, None, :]).expand((replicas,) + out.shape[1:])
+
+            q = proj("attn.W_Q", "attn.b_Q")
+            k = proj("attn.W_K", "attn.b_K")
+            v = proj("attn.W_V", "attn.b_V")
+            n, e = q.shape[2], q.shape[4]
+            z = F.scaled_dot_product_attention(
+                q.reshape(-1, n, p, e),
+                k.reshape(-1, n, p, e),
+                v.reshape(-1, n, p, e),
+                is_causal=True,
+                scale=1.0 / block.attn.attn_scale,
+            ).reshape(replicas, b, n, p, e)
+            out = torch.einsum("rbhpe,rhed->rbpd", z, self._w(params, pre + "attn.W_O"))
+            resid = resid + out + self._w(params, pre + "attn.b_O")[:, None, None, :]
+        x = self._norm(params, "ln_final.", resid)
+        logits = torch.einsum("rbpd,rdv->rbpv", x, self._w(params, "unembed.W_U"))
+        return logits + self._w(params, "unembed.b_U")[:, None, None, :]
+
+
+def _transformer_lens_replicas_factory(
+    model: nn.Module, component: ResolvedComponent
+) -> ForwardSplit | None:
+    if not any(c.__name__ == "HookedTransformer" for c in type(model).__mro__):
+        return None
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not cfg.attn_only or not _standard_tl(cfg):
+        return None
+    if getattr(cfg, "normalization_type", None) not in ("LN", "LNPre"):
+        return None
+    return TransformerLensReplicaForward(model)
+
+
+# Tried last-registered first: single heads (with a shared prefix) before whole replicas.
+register_split(_transformer_lens_replicas_factory)
 register_split(_transformer_lens_factory)
 register_split(_attn_only_factory)

@@ -232,3 +232,53 @@ def test_transformer_lens_head_split_matches_plain():
                     rtol=1e-5,
                     atol=1e-4,
                 )
+
+
+@pytest.mark.parametrize("norm", ["LN", "LNPre"])
+def test_transformer_lens_replica_forward_matches_plain(norm):
+    """Components other than single heads (all weights; two heads; an embedding) of an
+    attention-only TransformerLens model take the replica-batched forward."""
+    tl = pytest.importorskip("transformer_lens")
+    from bayes_susc.architectures import by_regex
+    from bayes_susc.run_config import causal_lm_loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cfg = tl.HookedTransformerConfig(
+            n_layers=2,
+            d_model=32,
+            n_ctx=16,
+            d_head=8,
+            n_heads=4,
+            d_vocab=50,
+            act_fn="gelu",
+            attn_only=True,
+            seed=1,
+            normalization_type=norm,
+        )
+        model = tl.HookedTransformer(cfg)
+    tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))
+    components = [
+        by_regex("full", model, ".*"),
+        Component("two_heads", {"blocks.1.attn.W_V": (slice(1, 3),)}),
+        Component.from_parameters("embed", ["embed.W_E"]),
+    ]
+    for component in components:
+        fast = LocalPosterior(model, causal_lm_loss, [tokens], component)
+        plain = LocalPosterior(model, causal_lm_loss, [tokens], component, split=None)
+        assert fast.describe()["split"] == "transformer_lens_replicas", component.name
+        positions = fast.anchor_vector + 0.05 * torch.randn(
+            3, fast.dim, generator=torch.Generator().manual_seed(4)
+        )
+        torch.testing.assert_close(
+            fast.batch_item_losses(positions, [tokens]),
+            plain.batch_item_losses(positions, [tokens]),
+            rtol=0,
+            atol=2e-5,
+        )
+        torch.testing.assert_close(
+            fast.potential_and_grad(positions, tokens).grad,
+            plain.potential_and_grad(positions, tokens).grad,
+            rtol=1e-5,
+            atol=2e-4,
+        )

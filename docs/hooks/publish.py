@@ -11,7 +11,8 @@ drift apart, so this hook renders them into the site at build time instead:
   images. A tutorial without a notebook yet is rendered from its ``.py`` without outputs.
 - ``diagnostics/reports/NAME/report.md`` → page ``diagnostics/NAME.md``, its PNG
   figures beside it (the report's relative image links keep working).
-- ``benchmarks/README.md`` → included by ``docs/performance.md`` (pymdownx.snippets).
+- ``benchmarks/README.md`` → included by ``docs/performance.md`` (pymdownx.snippets);
+  its figures under ``benchmarks/results/`` are published at the same relative paths.
 
 Only the standard library and MkDocs are used (the notebook JSON is read directly).
 """
@@ -119,4 +120,8 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
         _add(files, config, f"diagnostics/{name}.md", abs_src_path=str(report))
         for png in sorted(report.parent.glob("*.png")):
             _add(files, config, f"diagnostics/{png.name}", abs_src_path=str(png))
+    # Figures that benchmarks/README.md (included by performance.md) links relatively.
+    bench = ROOT / "benchmarks"
+    for png in sorted((bench / "results").rglob("*.png")):
+        _add(files, config, png.relative_to(bench).as_posix(), abs_src_path=str(png))
     return files

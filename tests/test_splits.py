@@ -191,57 +191,9 @@ def test_registered_split_is_used_and_removed():
         LocalPosterior(model, next_token_loss, [_tokens(2, 0)], component, split="fast")
 
 
-def test_transformer_lens_head_split_matches_plain():
+def _tl_model(attn_only: bool, norm: str, seed: int):
+    """A tiny random TransformerLens model (2 layers, 4 heads, d_model 32, ctx 16)."""
     tl = pytest.importorskip("transformer_lens")
-    from bayes_susc.architectures import attention_heads
-    from bayes_susc.run_config import causal_lm_loss
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for attn_only, norm in ((True, "LN"), (False, "LN"), (True, "LNPre")):
-            cfg = tl.HookedTransformerConfig(
-                n_layers=2,
-                d_model=32,
-                n_ctx=16,
-                d_head=8,
-                n_heads=4,
-                d_vocab=50,
-                act_fn="gelu",
-                attn_only=attn_only,
-                seed=0,
-                normalization_type=norm,
-            )
-            model = tl.HookedTransformer(cfg)
-            tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))
-            for component in attention_heads(model)[::3]:
-                fast = LocalPosterior(model, causal_lm_loss, [tokens], component)
-                plain = LocalPosterior(model, causal_lm_loss, [tokens], component, split=None)
-                assert fast.describe()["split"] == "transformer_lens_head"
-                positions = fast.anchor_vector + 0.05 * torch.randn(
-                    2, fast.dim, generator=torch.Generator().manual_seed(2)
-                )
-                torch.testing.assert_close(
-                    fast.batch_item_losses(positions, [tokens]),
-                    plain.batch_item_losses(positions, [tokens]),
-                    rtol=0,
-                    atol=1e-5,
-                )
-                torch.testing.assert_close(
-                    fast.potential_and_grad(positions, tokens).grad,
-                    plain.potential_and_grad(positions, tokens).grad,
-                    rtol=1e-5,
-                    atol=1e-4,
-                )
-
-
-@pytest.mark.parametrize("norm", ["LN", "LNPre"])
-def test_transformer_lens_replica_forward_matches_plain(norm):
-    """Components other than single heads (all weights; two heads; an embedding) of an
-    attention-only TransformerLens model take the replica-batched forward."""
-    tl = pytest.importorskip("transformer_lens")
-    from bayes_susc.architectures import by_regex
-    from bayes_susc.run_config import causal_lm_loss
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         cfg = tl.HookedTransformerConfig(
@@ -252,11 +204,53 @@ def test_transformer_lens_replica_forward_matches_plain(norm):
             n_heads=4,
             d_vocab=50,
             act_fn="gelu",
-            attn_only=True,
-            seed=1,
+            attn_only=attn_only,
+            seed=seed,
             normalization_type=norm,
         )
-        model = tl.HookedTransformer(cfg)
+        return tl.HookedTransformer(cfg)
+
+
+def _assert_split_matches_plain(model, component, tokens, name, atol_loss, atol_grad):
+    from bayes_susc.run_config import causal_lm_loss
+
+    fast = LocalPosterior(model, causal_lm_loss, [tokens], component)
+    plain = LocalPosterior(model, causal_lm_loss, [tokens], component, split=None)
+    assert fast.describe()["split"] == name, component.name
+    positions = fast.anchor_vector + 0.05 * torch.randn(
+        3, fast.dim, generator=torch.Generator().manual_seed(4)
+    )
+    torch.testing.assert_close(
+        fast.batch_item_losses(positions, [tokens]),
+        plain.batch_item_losses(positions, [tokens]),
+        rtol=0,
+        atol=atol_loss,
+    )
+    torch.testing.assert_close(
+        fast.potential_and_grad(positions, tokens).grad,
+        plain.potential_and_grad(positions, tokens).grad,
+        rtol=1e-5,
+        atol=atol_grad,
+    )
+
+
+@pytest.mark.parametrize(("attn_only", "norm"), [(True, "LN"), (False, "LN"), (True, "LNPre")])
+def test_transformer_lens_head_split_matches_plain(attn_only, norm):
+    from bayes_susc.architectures import attention_heads
+
+    model = _tl_model(attn_only, norm, seed=0)
+    tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))
+    for component in attention_heads(model)[::3]:
+        _assert_split_matches_plain(model, component, tokens, "transformer_lens_head", 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("norm", ["LN", "LNPre"])
+def test_transformer_lens_replica_forward_matches_plain(norm):
+    """Components other than single heads (all weights; two heads; an embedding) of an
+    attention-only TransformerLens model take the replica-batched forward."""
+    from bayes_susc.architectures import by_regex
+
+    model = _tl_model(True, norm, seed=1)
     tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))
     components = [
         by_regex("full", model, ".*"),
@@ -264,21 +258,6 @@ def test_transformer_lens_replica_forward_matches_plain(norm):
         Component.from_parameters("embed", ["embed.W_E"]),
     ]
     for component in components:
-        fast = LocalPosterior(model, causal_lm_loss, [tokens], component)
-        plain = LocalPosterior(model, causal_lm_loss, [tokens], component, split=None)
-        assert fast.describe()["split"] == "transformer_lens_replicas", component.name
-        positions = fast.anchor_vector + 0.05 * torch.randn(
-            3, fast.dim, generator=torch.Generator().manual_seed(4)
-        )
-        torch.testing.assert_close(
-            fast.batch_item_losses(positions, [tokens]),
-            plain.batch_item_losses(positions, [tokens]),
-            rtol=0,
-            atol=2e-5,
-        )
-        torch.testing.assert_close(
-            fast.potential_and_grad(positions, tokens).grad,
-            plain.potential_and_grad(positions, tokens).grad,
-            rtol=1e-5,
-            atol=2e-4,
+        _assert_split_matches_plain(
+            model, component, tokens, "transformer_lens_replicas", 2e-5, 2e-4
         )

@@ -13,6 +13,11 @@ app = typer.Typer(add_completion=False, help="Bayesian susceptibilities of netwo
 @app.callback()
 def main() -> None:
     """Bayesian susceptibilities of network components, with honest uncertainty."""
+    from bayes_susc.allocator import keep_freed_memory
+
+    # The command owns its process: keep freed activations instead of faulting them in
+    # again every step (see bayes_susc.allocator).
+    keep_freed_memory()
 
 
 @app.command()

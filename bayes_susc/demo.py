@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,6 +82,23 @@ QUICK_HEADS = ("L0H0", "L0H1", "L1H0", "L1H1")
 ROLE_VOCAB = _ROLE_VOCAB
 
 
+def demo_data(s: DemoSettings) -> dict:
+    """The demo's data: ``train_batches`` (list of (batch_size, seq_len) LongTensors),
+    ``eval_tokens`` (n_eval, seq_len), ``probe_tokens`` (n_probe, seq_len) and
+    ``probe_kinds`` ('code' / 'prose' per probe window)."""
+    from bayes_susc.models.corpus import mixed_corpus
+
+    train_tokens, _ = mixed_corpus(s.n_train, s.seq_len, seed=s.seed)
+    eval_tokens, _ = mixed_corpus(s.n_eval, s.seq_len, seed=s.seed + 1)
+    probe_tokens, probe_kinds = mixed_corpus(s.n_probe, s.seq_len, seed=s.seed + 2)
+    return {
+        "train_batches": list(train_tokens.split(s.batch_size)),
+        "eval_tokens": eval_tokens,
+        "probe_tokens": probe_tokens,
+        "probe_kinds": probe_kinds,
+    }
+
+
 def _demo_model(s: DemoSettings):
     from bayes_susc.models.attn_only import AttnOnlyConfig, AttnOnlyTransformer
 
@@ -128,19 +146,18 @@ def calibration_inputs(
     from bayes_susc.models.corpus import mixed_corpus
 
     s = DemoSettings()
+    data = demo_data(s)
     model = trained_demo_model(Path(run_dir), s)
     by_name = {c.name: c for c in head_components(model)}
     unknown = sorted(set(heads) - set(by_name))
     if unknown:
         raise ValueError(f"heads {unknown} are not demo heads; choose from {sorted(by_name)}")
-    train_tokens, _ = mixed_corpus(s.n_train, s.seq_len, seed=s.seed)
-    eval_tokens, _ = mixed_corpus(s.n_eval, s.seq_len, seed=s.seed + 1)
     probe_tokens, _ = mixed_corpus(n_probe, s.seq_len, seed=s.seed + 2)
     return {
         "model": model,
         "loss_fn": next_token_loss,
-        "train_data": list(train_tokens.split(s.batch_size)),
-        "eval_data": eval_tokens,
+        "train_data": data["train_batches"],
+        "eval_data": data["eval_tokens"],
         "probe_data": probe_tokens,
         "components": [by_name[h] for h in heads],
     }
@@ -183,12 +200,12 @@ def run_demo(
     import xarray as xr
 
     from bayes_susc.models.attn_only import head_components, next_token_loss
-    from bayes_susc.models.corpus import decode, mixed_corpus
+    from bayes_susc.models.corpus import decode
 
     s = settings or DemoSettings()
     out = Path(out)
     (out / "components").mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
+    remove_stale_temporaries(out)
     model = trained_demo_model(out, s)
     roles_path = out / "head_roles.nc"
     if roles_path.exists():
@@ -197,15 +214,15 @@ def run_demo(
     else:
         roles = demo_head_roles(model, s)
         atomic_write(roles_path, lambda tmp: roles.to_netcdf(tmp, engine="netcdf4"))
-    train_tokens, _ = mixed_corpus(s.n_train, s.seq_len, seed=s.seed)
-    train_batches = list(train_tokens.split(s.batch_size))
-    eval_tokens, _ = mixed_corpus(s.n_eval, s.seq_len, seed=s.seed + 1)
-    probe_tokens, probe_kinds = mixed_corpus(s.n_probe, s.seq_len, seed=s.seed + 2)
+    data = demo_data(s)
+    train_batches, eval_tokens = data["train_batches"], data["eval_tokens"]
+    probe_tokens, probe_kinds = data["probe_tokens"], data["probe_kinds"]
+    n_windows = probe_tokens.shape[0]
     positions = np.arange(1, s.seq_len)
     coords = {
         "dataset": np.repeat(probe_kinds, s.seq_len - 1),
-        "sequence": np.repeat(np.arange(s.n_probe), s.seq_len - 1),
-        "position": np.tile(positions, s.n_probe),
+        "sequence": np.repeat(np.arange(n_windows), s.seq_len - 1),
+        "position": np.tile(positions, n_windows),
         "token": [decode([int(t)]) for row in probe_tokens for t in row[1:]],
     }
     summary = {"settings": asdict(s), "components": {}}
@@ -244,7 +261,7 @@ def run_demo(
             )
             save(data, path)
         runs[component.name] = data
-        summary["components"][component.name] = _component_summary(data)
+        summary["components"][component.name] = component_summary(data)
     summary["response_matrix"] = _response_matrix(runs, out, s.seed)
     summary["report"] = str(out / "report.html") if report else None
     atomic_write(
@@ -257,7 +274,7 @@ def run_demo(
     return summary
 
 
-def _remove_stale_temporaries(out: Path) -> None:
+def remove_stale_temporaries(out: Path) -> None:
     """Delete temporary files a killed run left behind (``atomic_write`` names them
     ``<target name>.<random>.tmp``; a finished write renames or removes its own)."""
     for folder in (out, out / "components", out / "figures"):
@@ -295,7 +312,11 @@ def _response_matrix(runs: dict, out: Path, seed: int) -> dict:
     }
 
 
-def _component_summary(data) -> dict:
+def component_summary(data: Any) -> dict:
+    """Headline figures of one component's run (an InferenceData/DataTree from
+    :func:`bayes_susc.sample` with probe losses): mean φ (nats), R-hat and ESS of φ, the
+    number of diverged chains, the five most expressed probe tokens (most negative χ),
+    and the smallest and largest χ."""
     import arviz as az
 
     post = get_group(data, "posterior")

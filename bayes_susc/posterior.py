@@ -180,7 +180,12 @@ class LocalPosterior:
             the package's attention-only model or of a TransformerLens model), ``None``
             always runs the whole forward pass per replica, or a ``ForwardSplit``
             instance. A split is used only if it reproduces the plain per-item losses at
-            w* on the first training batch (else a warning, and the plain path).
+            w* on the first training batch (else a warning, and the plain path). With a
+            split, ``loss_fn`` runs on each replica's output under ``vmap``, or once on
+            all of them when it has the attribute ``broadcasts_replicas = True``: its
+            promise that, given model outputs with a leading replica dimension, it
+            returns losses with that leading dimension (the package's
+            ``next_token_loss`` and ``causal_lm_loss`` do; it saves vmap's overhead).
         prefix_cache_bytes: memory bound (bytes) of the cached prefixes, one per batch
             (training, evaluation and probe batches), least recently used dropped first.
     """
@@ -317,6 +322,9 @@ class LocalPosterior:
         cached = self._prepare(batch)
         outputs = self.split.suffix(self._vmapped_params(positions), cached)
         try:
+            if getattr(self.loss_fn, "broadcasts_replicas", False):
+                self._replay.output = outputs
+                return self.loss_fn(self._replay, batch).reshape(positions.shape[0], -1)
             return self._vmapped_replay(outputs, batch)
         finally:
             self._replay.output = None  # drop the transform's wrapper of the outputs

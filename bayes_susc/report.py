@@ -217,7 +217,7 @@ def _head_roles(run_dir: Path, summary: dict) -> xr.Dataset | None:
     return None
 
 
-def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
+def html_table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
     """HTML table; the first ``left`` columns are left-aligned text. Cells are escaped."""
 
     def cell(tag: str, j: int, v: Any) -> str:
@@ -241,14 +241,14 @@ def _fmt(v: Any) -> str:
 
 def _settings_table(summary: dict, matrix: xr.Dataset, roles: xr.Dataset | None) -> str:
     rows = [[k, v] for k, v in summary.get("settings", {}).items()]
-    out = "<h3>Run</h3>" + (_table(["setting", "value"], rows, 2) if rows else "<p>–</p>")
+    out = "<h3>Run</h3>" + (html_table(["setting", "value"], rows, 2) if rows else "<p>–</p>")
     keys = ("estimator", "method", "confidence", "min_ess", "max_rhat", "fdr", "seed")
     rows = [[key, matrix.attrs[key]] for key in keys if key in matrix.attrs]
     rows.append(["shape (probes × components)", " × ".join(map(str, matrix["chi"].shape))])
-    out += "<h3>Response matrix</h3>" + _table(["setting", "value"], rows, 2)
+    out += "<h3>Response matrix</h3>" + html_table(["setting", "value"], rows, 2)
     if roles is not None:
         rows = [[key, v] for key, v in roles.attrs.items()]
-        out += "<h3>Head-role scores</h3>" + _table(["setting", "value"], rows, 2)
+        out += "<h3>Head-role scores</h3>" + html_table(["setting", "value"], rows, 2)
     return out
 
 
@@ -291,7 +291,7 @@ def _status_table(matrix: xr.Dataset) -> str:
     comps = [str(c) for c in matrix["component"].values]
     rows = [[c] + [int((status[:, j] == n).sum()) for n in names] for j, c in enumerate(comps)]
     rows.append(["all"] + [int((status == n).sum()) for n in names])
-    return _table(["component", *names], rows)
+    return html_table(["component", *names], rows)
 
 
 def _health_table(runs: dict) -> str:
@@ -302,7 +302,7 @@ def _health_table(runs: dict) -> str:
     frame = check_run_health(runs).table()
     header = ["component", *frame.columns]
     rows = [[name, *(str(v) for v in row)] for name, row in frame.iterrows()]
-    return _table(header, rows)
+    return html_table(header, rows)
 
 
 def _convergence_table(matrix: xr.Dataset, runs: dict) -> str:
@@ -355,7 +355,7 @@ def _convergence_table(matrix: xr.Dataset, runs: dict) -> str:
         "median entry ESS",
         "fraction ok",
     ]
-    return note + _table(header, rows)
+    return note + html_table(header, rows)
 
 
 def _cluster_table(labels: xr.DataArray, examples) -> str:
@@ -371,7 +371,7 @@ def _cluster_table(labels: xr.DataArray, examples) -> str:
             ]
         )
     header = ["cluster", "data set", "token", "context"]
-    table = _table(header, rows, 4)
+    table = html_table(header, rows, 4)
     # Context cells keep their spacing.
     return table.replace('<td class="l">⟪', '<td class="l ctx">').replace("⟫</td>", "</td>")
 
@@ -447,7 +447,7 @@ def _roles_section(roles: xr.Dataset | None, res: xr.Dataset) -> str:
         "(random block repeated twice: q→q−L+1 and q→q−L), first token (q→0), self (q→q). "
         "Left: each head's loading on the principal components of the response matrix.</p>"
     )
-    out = note + _table(["component", *[f"PC{p} loading" for p in pcs], *names], rows)
+    out = note + html_table(["component", *[f"PC{p} loading" for p in pcs], *names], rows)
     corr_rows = []
     for n in names:
         v = r[n].values
@@ -463,7 +463,8 @@ def _roles_section(roles: xr.Dataset | None, res: xr.Dataset) -> str:
     out += (
         "<h3>Correlation of role scores with PC loadings (across heads)</h3>"
         f'<p class="note">Pearson r over {len(comps)} heads; the sign follows the arbitrary '
-        "sign of each PC, so read |r|.</p>" + _table(["score", *[f"PC{p}" for p in pcs]], corr_rows)
+        "sign of each PC, so read |r|.</p>"
+        + html_table(["score", *[f"PC{p}" for p in pcs]], corr_rows)
     )
     if len(comps) >= 3 and "induction" in names:
         n_top = max(1, len(comps) // 4)
@@ -475,7 +476,7 @@ def _roles_section(roles: xr.Dataset | None, res: xr.Dataset) -> str:
             f"{html.escape(', '.join(top))}. "
             "Margin = gap between their loadings and all other heads' on one PC, over "
             "the largest absolute loading; positive = separated.</p>"
-            + _table(["PC", "margin"], [[f"PC{p}", float(sep.sel(pc=p))] for p in pcs])
+            + html_table(["PC", "margin"], [[f"PC{p}", float(sep.sel(pc=p))] for p in pcs])
         )
     return out
 

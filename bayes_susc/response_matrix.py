@@ -123,7 +123,7 @@ def build_response_matrix(
     Returns:
         The response matrix with ``status``, ``q_value`` and ``reliable`` added.
     """
-    _check_thresholds(min_ess, max_rhat, fdr)  # fail before any (slow) estimation
+    check_thresholds(min_ess, max_rhat, fdr)  # fail before any (slow) estimation
     from bayes_susc.susceptibility import estimate_many
 
     ds = estimate_many(runs, **estimate_kwargs)
@@ -166,7 +166,7 @@ def assign_status(
         ValueError: a threshold is out of range, a variable is missing, dimensions are not
             (probe, component), or a finite p-value lies outside [0, 1].
     """
-    min_ess, max_rhat, fdr = _check_thresholds(min_ess, max_rhat, fdr)
+    min_ess, max_rhat, fdr = check_thresholds(min_ess, max_rhat, fdr)
     _check_matrix(ds)
     ess = _ess(ds)
 
@@ -231,7 +231,9 @@ def assign_status(
     return out
 
 
-def _check_thresholds(min_ess: Any, max_rhat: Any, fdr: Any) -> tuple[float, float, float]:
+def check_thresholds(min_ess: Any, max_rhat: Any, fdr: Any) -> tuple[float, float, float]:
+    """Check the status thresholds of :func:`assign_status`: min_ess >= 0, max_rhat >= 1,
+    fdr in (0, 1]. Returns them as floats; raises ValueError naming the argument."""
     min_ess = check_nonnegative("min_ess", min_ess)
     max_rhat = check_finite("max_rhat", max_rhat)
     if max_rhat < 1.0:

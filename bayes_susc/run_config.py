@@ -505,12 +505,12 @@ def _kernel_kwargs(s: Mapping) -> dict:
 
 
 def _check_estimate(e: dict) -> None:
-    from bayes_susc.response_matrix import _check_thresholds
-    from bayes_susc.susceptibility import _validate as _validate_estimate
+    from bayes_susc.response_matrix import check_thresholds
+    from bayes_susc.susceptibility import validate_settings
 
     try:
-        _validate_estimate(e["method"], e["confidence"], e["n_resamples"], e["seed"])
-        _check_thresholds(e["min_ess"], e["max_rhat"], e["fdr"])
+        validate_settings(e["method"], e["confidence"], e["n_resamples"], e["seed"])
+        check_thresholds(e["min_ess"], e["max_rhat"], e["fdr"])
         if "block_length" in e and not e["block_length"] > 0:
             raise ValueError(f"block_length must be > 0, got {e['block_length']}")
     except (TypeError, ValueError) as exc:
@@ -532,6 +532,9 @@ def causal_lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor
     if logits is None:
         logits = out[0] if isinstance(out, (tuple, list)) else out
     return loss_from_logits(logits, tokens)
+
+
+causal_lm_loss.broadcasts_replicas = True  # type: ignore[attr-defined]  # see next_token_loss
 
 
 @contextlib.contextmanager
@@ -896,7 +899,7 @@ def run_from_config(
         ConfigError: an invalid config (before any sampling), or a run folder started with
             a different model, data or sampling settings.
     """
-    from bayes_susc.demo import _component_summary, _remove_stale_temporaries
+    from bayes_susc.demo import component_summary, remove_stale_temporaries
     from bayes_susc.executor import Problem, iter_components
     from bayes_susc.response_matrix import build_response_matrix, save_response_matrix
     from bayes_susc.storage import load, save
@@ -919,7 +922,7 @@ def run_from_config(
                 "components would not match. Use another --out, or delete the folder"
             )
     (out_dir / "components").mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out_dir)
+    remove_stale_temporaries(out_dir)
     atomic_write(info_path, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
     toml = p.toml_text if p.toml_text is not None else _to_toml(raw_config(cfg))
     atomic_write(out_dir / "config.toml", lambda tmp: Path(tmp).write_text(toml))
@@ -994,7 +997,7 @@ def run_from_config(
             "n_parameters": sum(t.numel() for t in p.model.parameters()),
         },
         "config": raw_config(cfg),
-        "components": {name: _component_summary(d) for name, d in runs.items()},
+        "components": {name: component_summary(d) for name, d in runs.items()},
         "computed_this_run": computed,
         "response_matrix": {
             "shape": [int(n) for n in matrix["chi"].transpose("probe", "component").shape],
@@ -1066,7 +1069,7 @@ def _short_report(out_dir: Path, summary: Mapping) -> Path:
     figures need two)."""
     import html
 
-    from bayes_susc.report import _table
+    from bayes_susc.report import html_table
 
     rows = [[k, v] for k, v in summary["settings"].items()]
     comp_rows = [
@@ -1085,11 +1088,11 @@ def _short_report(out_dir: Path, summary: Mapping) -> Path:
     counts = summary["response_matrix"]["status_counts"]
     body = (
         "<h2>Settings</h2>"
-        + _table(["setting", "value"], rows, 2)
+        + html_table(["setting", "value"], rows, 2)
         + "<h2>Status counts</h2>"
-        + _table(["status", "entries"], [[k, v] for k, v in counts.items()])
+        + html_table(["status", "entries"], [[k, v] for k, v in counts.items()])
         + "<h2>Components</h2>"
-        + _table(
+        + html_table(
             [
                 "component",
                 "mean φ",

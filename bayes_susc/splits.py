@@ -19,21 +19,37 @@ replicas (chains) can run it as one larger batch instead of one model call each.
 with :func:`find_split`, checks at construction that it reproduces the plain per-item
 losses at w* on a training batch (within float tolerance), and otherwise warns and runs
 the plain forward. The loss function itself still runs per replica (under ``vmap``, on
-the replica's outputs), so any ``loss_fn`` that calls the model once works. The draws
-are the same either way up to float rounding (``tests/test_splits.py``); only the work
-per step differs.
+the replica's outputs; or once on all of them when it declares ``broadcasts_replicas``),
+so any ``loss_fn`` that calls the model once works. The draws are the same either way up
+to float rounding (``tests/test_splits.py``); only the work per step differs.
 
 Built in: a single attention head (its slices of ``W_Q``, ``W_K``, ``W_V``, ``W_O``,
 ``b_Q``, ``b_K``, ``b_V``, any subset of their entries) of the package's
 :class:`~bayes_susc.models.attn_only.AttnOnlyTransformer` and of TransformerLens 3.x
-``HookedTransformer`` models with standard (learned absolute) positional embeddings.
-Users add their own with :func:`register_split`.
+``HookedTransformer`` models with standard (learned absolute) positional embeddings;
+and any component of an attention-only TransformerLens model (one replica-batched
+forward with fused attention). Users add their own with :func:`register_split`.
+
+Three further savings of the head splits, each exact up to float rounding:
+
+- the prefix does not depend on which head of a layer is sampled (a replica's head
+  output replaces the head's output at w*, a rank-2·d_head update of the residual
+  stream), so the heads of one layer share it: computed once per batch for all of
+  them (``SHARED_PREFIX_BYTES`` bounds it);
+- the first map above the head — the next layer's norm and Q/K/V projection, or the
+  final norm and the unembedding — is a LayerNorm and a linear map of that low-rank
+  update of a frozen stream: its frozen part is cached with the prefix and each
+  replica adds a d_head-wide product (:class:`_LowRankReadout`) instead of a
+  d_model-wide one;
+- the later layers' attention runs fused (no (pos × pos) score tensor in memory).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -136,19 +152,20 @@ def _head_weight(
     return frozen[name][head].unsqueeze(0)
 
 
-def _replica_head_output(
+def _replica_head_z(
     x: Tensor,
     params: Mapping[str, Tensor],
     frozen: Mapping[str, Tensor],
     prefix: str,
     head: int,
     scale: float,
-) -> Tensor:
-    """One head's causal attention output for every replica.
+) -> tuple[Tensor, Tensor]:
+    """One head's causal attention for every replica, before its output projection.
 
     x (batch, pos, d_model) shared by all replicas; the head's weights per replica
     (``W_Q/W_K/W_V`` (R, d_model, d_head), ``b_*`` (R, d_head), ``W_O`` (R, d_head,
-    d_model), R = replicas or 1); ``scale`` multiplies q·k -> (R, batch, pos, d_model).
+    d_model), R = replicas or 1); ``scale`` multiplies q·k -> (z (R, batch, pos, d_head),
+    the head's ``W_O`` (R or 1, d_head, d_model)); the head's output is ``z @ W_O``.
     """
 
     def w(name: str) -> Tensor:
@@ -162,17 +179,7 @@ def _replica_head_output(
     z = F.scaled_dot_product_attention(
         q.expand(shape), k.expand(shape), v.expand(shape), is_causal=True, scale=scale
     )
-    return torch.einsum("rbpe,red->rbpd", z, w("W_O"))
-
-
-def _others_output(z: Tensor, W_O: Tensor, b_O: Tensor, head: int) -> Tensor:
-    """Attention output of every head but ``head``, plus the output bias.
-
-    z (batch, pos, n_heads, d_head), W_O (n_heads, d_head, d_model) -> (batch, pos, d_model).
-    """
-    keep = torch.ones(z.shape[-2], dtype=z.dtype, device=z.device)
-    keep[head] = 0
-    return torch.einsum("bphe,hed->bpd", z * keep[:, None], W_O) + b_O
+    return z, w("W_O")
 
 
 def _fold(t: Tensor) -> Tensor:
@@ -180,46 +187,108 @@ def _fold(t: Tensor) -> Tensor:
     return t.reshape((-1,) + t.shape[2:])
 
 
-class AttnOnlyHeadSplit(ForwardSplit):
-    """One head of :class:`~bayes_susc.models.attn_only.AttnOnlyTransformer`.
+class _Norm:
+    """A frozen LayerNorm over the last axis (weight ``w``/bias ``b`` (d,) or None for
+    TransformerLens's ``LayerNormPre``), or the identity (``eps`` None). x (..., d) ->
+    (..., d)."""
 
-    The prefix holds the layer's normalized input and the residual stream plus every
-    other head's output; the suffix adds each replica's head output and runs the later
-    layers on all replicas as one batch (fused causal attention).
+    def __init__(self, w: Tensor | None, b: Tensor | None, eps: float | None) -> None:
+        self.w, self.b, self.eps = w, b, eps
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.eps is None:
+            return x
+        return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
+
+
+def _norm_of(module: nn.Module) -> _Norm | None:
+    """``module`` as a fused :class:`_Norm` when it is one this file reproduces exactly
+    (the package's or TransformerLens's LayerNorm, ``LayerNormPre``, ``nn.Identity``),
+    else None (call the module itself)."""
+    if isinstance(module, nn.Identity):
+        return _Norm(None, None, None)
+    kind = type(module).__name__
+    cfg = getattr(module, "cfg", None)
+    if getattr(cfg, "dtype", torch.float32) not in (torch.float32, torch.float64):
+        return None  # TransformerLens upcasts low-precision norms; leave it to them
+    if kind == "LayerNorm" and hasattr(module, "w") and hasattr(module, "b"):
+        return _Norm(module.w.detach(), module.b.detach(), float(module.eps))
+    if kind == "LayerNormPre" and hasattr(module, "eps"):
+        return _Norm(None, None, float(module.eps))
+    return None
+
+
+def _fused_layer_norm(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """A frozen norm as one fused kernel where :func:`_norm_of` knows it (TransformerLens's
+    LayerNorm is five elementwise passes), else the module itself."""
+    return _norm_of(module) or module
+
+
+class _LowRankReadout:
+    """``norm(P + z @ W_O) @ W + bias`` for a frozen residual stream P and one head's
+    per-replica output ``z @ W_O`` (rank d_head).
+
+    The first frozen map above a head reads the stream through a norm and a linear layer
+    (the next layer's fused Q/K/V projection, or the final norm and the unembedding). With
+    c(·) centring over d_model, LayerNorm's numerator is c(P) + z c(W_O), its variance
+    (|c(P)|² + 2 z·(c(W_O) c(P)) + z G zᵀ)/d with G = c(W_O) c(W_O)ᵀ, and the linear map
+    of the numerator is (g ⊙ c(P)) W — the same for every replica, cached per batch — plus
+    z (g ⊙ c(W_O)) W: per token a d_head × out product instead of d_model × out, and no
+    norm pass over the replicas' streams. Equal to the plain path up to float rounding.
     """
 
-    name = "attn_only_head"
+    def __init__(self, norm: _Norm, W: Tensor, bias: Tensor) -> None:
+        self.norm, self.W = norm, W
+        self.offset = bias if norm.b is None else bias + norm.b @ W
 
-    def __init__(self, model: nn.Module, layer: int, head: int) -> None:
-        self.model, self.layer, self.head = model, layer, head
-        self.prefix_name = f"blocks.{layer}.attn."
-        self.frozen = {
-            self.prefix_name + n: p.detach() for n, p in model.blocks[layer].attn.named_parameters()
-        }
-        fused = [(b.ln1, _FusedAttention(b.attn, b.attn.scale)) for b in model.blocks]
-        self.earlier, self.own, self.later = fused[:layer], fused[layer], fused[layer + 1 :]
-        self.W_U = model.unembed.W_U.detach()
-        self.b_U = model.unembed.b_U.detach()
+    def prefix(self, stream: Tensor) -> tuple[Tensor, ...]:
+        """The per-batch part from P (batch, pos, d): (c(P), |c(P)|², (g ⊙ c(P)) W) for a
+        LayerNorm, (P W + bias,) for the identity."""
+        if self.norm.eps is None:
+            return (stream @ self.W + self.offset,)
+        centred = stream - stream.mean(-1, keepdim=True)
+        scaled = centred if self.norm.w is None else centred * self.norm.w
+        return centred, (centred * centred).sum(-1), scaled @ self.W
 
-    def prefix(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        resid = self.model.embed_tokens(tokens)
-        for ln1, attention in self.earlier:
-            resid = resid + attention(ln1(resid))
-        ln1, attention = self.own
-        x = ln1(resid)
-        attn = self.model.blocks[self.layer].attn
-        return x, resid + _others_output(attention.z(x), attn.W_O, attn.b_O, self.head)
-
-    def suffix(self, params: Mapping[str, Tensor], cached: tuple[Tensor, Tensor]) -> Tensor:
-        x, partial = cached
-        scale = self.model.blocks[self.layer].attn.scale
-        out = _replica_head_output(x, params, self.frozen, self.prefix_name, self.head, scale)
-        resid = _fold(partial + out)
-        for ln1, attention in self.later:
-            resid = resid + attention(ln1(resid))
-        final = self.model.ln_final(resid)
-        logits = torch.addmm(self.b_U, final.reshape(-1, final.shape[-1]), self.W_U)
-        return logits.reshape(out.shape[:2] + resid.shape[1:2] + logits.shape[-1:])
+    def __call__(
+        self, cached: tuple[Tensor, ...], z: Tensor, W_O: Tensor, parts: int = 1
+    ) -> tuple[Tensor, ...]:
+        """z (R, batch, pos, e), W_O (R or 1, e, d) -> the result (R, batch, pos, out) cut
+        into ``parts`` equal slices of the out axis, each its own contiguous tensor (Q, K
+        and V separately: their gradients then need no re-assembly)."""
+        replicas, b, p, e = z.shape
+        flat = z.reshape(replicas, b * p, e)
+        # Per slice two passes over the (R, tokens, out) result, each writing it once: on
+        # CPU these outputs outgrow the caches and every extra elementwise pass costs as
+        # much as the small matmul.
+        if self.norm.eps is None:
+            (base,) = cached
+            mixing = W_O @ self.W  # (R', e, out)
+            outs = []
+            for b_part, m_part in zip(
+                base.reshape(b * p, -1).chunk(parts, -1), mixing.chunk(parts, -1)
+            ):
+                start = b_part.unsqueeze(0).expand(replicas, -1, -1)
+                outs.append(torch.baddbmm(start, flat, m_part.expand(replicas, -1, -1)))
+            return tuple(o.reshape(replicas, b, p, -1) for o in outs)
+        centred, square, base = cached
+        d = centred.shape[-1]
+        cW = W_O - W_O.mean(-1, keepdim=True)
+        mixing = (cW if self.norm.w is None else cW * self.norm.w) @ self.W  # (R', e, out)
+        cross = torch.matmul(centred.reshape(b * p, d), cW.transpose(-1, -2))  # (R', bp, e)
+        quadratic = torch.matmul(flat, cW @ cW.transpose(-1, -2))
+        variance = (square.reshape(b * p) + ((2 * cross + quadratic) * flat).sum(-1)) / d
+        inv_std = torch.rsqrt(variance + self.norm.eps)[..., None]  # (R, bp, 1)
+        scaled = flat * inv_std
+        outs = []
+        for b_part, m_part, o_part in zip(
+            base.reshape(b * p, -1).chunk(parts, -1),
+            mixing.chunk(parts, -1),
+            self.offset.chunk(parts, -1),
+        ):
+            out = torch.addcmul(o_part, b_part, inv_std)
+            outs.append(out.baddbmm_(scaled, m_part.expand(replicas, -1, -1)))
+        return tuple(o.reshape(replicas, b, p, -1) for o in outs)
 
 
 class _FusedAttention:
@@ -241,18 +310,199 @@ class _FusedAttention:
         self.W_O = attn.W_O.detach().reshape(n * e, d)
         self.b_O = attn.b_O.detach()
 
+    def attend(self, qkv: Tensor | tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """Projected queries, keys, values -> z (b, p, n, e): qkv (b, p, 3 n e), or three
+        tensors (b, p, n e)."""
+        if isinstance(qkv, Tensor):
+            b, p, _ = qkv.shape
+            q, k, v = qkv.reshape((b, p) + self.shape).permute(2, 0, 3, 1, 4)  # (b, n, p, e)
+        else:
+            b, p, _ = qkv[0].shape
+            q, k, v = (t.reshape((b, p) + self.shape[1:]).transpose(1, 2) for t in qkv)
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return z.transpose(1, 2)
+
     def z(self, x: Tensor) -> Tensor:
         """Every head's attention-weighted values: x (b, p, d) -> z (b, p, n, e)."""
         b, p, d = x.shape
         qkv = torch.addmm(self.b_qkv, x.reshape(b * p, d), self.W_qkv)
-        q, k, v = qkv.reshape((b, p) + self.shape).permute(2, 0, 3, 1, 4)  # 3 x (b, n, p, e)
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return z.transpose(1, 2)
+        return self.attend(qkv.reshape(b, p, -1))
+
+    def project(self, z: Tensor) -> Tensor:
+        """z (b, p, n, e) -> the layer's output (b, p, d)."""
+        b, p = z.shape[:2]
+        return torch.addmm(self.b_O, z.reshape(b * p, -1), self.W_O).reshape(b, p, -1)
 
     def __call__(self, x: Tensor) -> Tensor:
-        b, p, d = x.shape
-        z = self.z(x).reshape(b * p, -1)
-        return torch.addmm(self.b_O, z, self.W_O).reshape(b, p, d)
+        return self.project(self.z(x))
+
+
+#: Bytes of frozen prefixes kept per (model, layer) and shared by all head splits of
+#: that layer (least recently used batches dropped first). Each LocalPosterior's own
+#: ``prefix_cache_bytes`` bounds what it holds on to as well.
+SHARED_PREFIX_BYTES = 2**30
+
+
+class _LayerPrefixCache:
+    """The frozen computation up to and including every head of one layer, per batch of
+    tokens, shared by the head splits of that layer: eight heads of a layer sampled one
+    after another compute it once per batch instead of eight times.
+
+    ``(tokens)`` -> ``compute(tokens)``, cached while the tokens tensor lives and is not
+    modified in place.
+    """
+
+    def __init__(self, compute: Callable[[Tensor], tuple[Tensor, ...]]) -> None:
+        self.compute = compute
+        self.entries: OrderedDict[int, tuple[weakref.ref, int, tuple, int]] = OrderedDict()
+        self.bytes = 0
+
+    def __call__(self, tokens: Tensor) -> tuple[Tensor, ...]:
+        key = id(tokens)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0]() is tokens and hit[1] == tokens._version:
+            self.entries.move_to_end(key)
+            return hit[2]
+        value = self.compute(tokens)
+        self._drop(key)
+        size = sum(t.nbytes for t in value if isinstance(t, Tensor))
+        ref = weakref.ref(tokens, lambda dead, key=key: self._drop(key, dead))
+        self.entries[key] = (ref, tokens._version, value, size)
+        self.bytes += size
+        while self.bytes > SHARED_PREFIX_BYTES and len(self.entries) > 1:
+            self._drop(next(iter(self.entries)))
+        return value
+
+    def _drop(self, key: int, ref: weakref.ref | None = None) -> None:
+        entry = self.entries.get(key)
+        if entry is not None and (ref is None or entry[0] is ref):
+            del self.entries[key]
+            self.bytes -= entry[3]
+
+
+_LAYER_CACHES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _LayerPrefixCache]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class _HeadSplit(ForwardSplit):
+    """One attention head of a pre-norm transformer (see the subclasses).
+
+    The prefix runs the blocks below ``layer`` and every head of block ``layer`` (their
+    attention fused) and keeps the head's layer's normalized input x, the residual
+    stream after the layer's attention at w* (P), every head's attention output z*, and
+    — where the first map above the head is a frozen norm and linear layer — that map's
+    per-batch part of P (:class:`_LowRankReadout`). None of it depends on which head is
+    sampled, so all head splits of a layer share it (:class:`_LayerPrefixCache`). The
+    suffix swaps the head's output at w* for each replica's — P + [z, z*] [W_O; −W_O*], a
+    rank-2·d_head update — and runs the rest on all replicas as one batch.
+
+    Subclasses set ``embed`` (tokens -> residual), ``blocks`` ((norm, fused attention)
+    per layer), ``mlps`` (per layer: resid -> the MLP's output, or None), ``final_norm``,
+    ``W_U`` (d, vocab), ``b_U`` (vocab,), and call :meth:`_setup`.
+    """
+
+    embed: Callable[[Tensor], Tensor]
+    blocks: list[tuple[Callable[[Tensor], Tensor], _FusedAttention]]
+    mlps: list[Callable[[Tensor], Tensor] | None]
+    final_norm: Callable[[Tensor], Tensor]
+    W_U: Tensor
+    b_U: Tensor
+
+    def _setup(
+        self, model: nn.Module, attn: nn.Module, layer: int, head: int, norms: list[nn.Module]
+    ) -> None:
+        """Frozen slices of the head's layer; the readout when the map above it allows;
+        the layer's shared prefix cache. ``norms``: the norm modules after the head's
+        layer in order (later blocks' ln1, then the final norm)."""
+        self.layer, self.head = layer, head
+        self.prefix_name = f"blocks.{layer}.attn."
+        self.frozen = {self.prefix_name + n: p.detach() for n, p in attn.named_parameters()}
+        self.scale = self.blocks[layer][1].scale
+        self.readout: _LowRankReadout | None = None
+        norm = _norm_of(norms[0])
+        if self.mlps[layer] is None and norm is not None:
+            if layer + 1 < len(self.blocks):
+                attention = self.blocks[layer + 1][1]
+                self.readout = _LowRankReadout(norm, attention.W_qkv, attention.b_qkv)
+            else:
+                self.readout = _LowRankReadout(norm, self.W_U, self.b_U)
+        # Shared only while every weight is the one these splits were built from.
+        weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        caches = _LAYER_CACHES.setdefault(model, {})
+        key = (type(self).__name__, layer, self.readout is not None, weights)
+        if key not in caches:
+            for stale in [k for k in caches if k[3] != weights]:
+                del caches[stale]  # built from other weights: never used again
+            caches[key] = _LayerPrefixCache(self._layer_prefix)
+        self.layer_prefix = caches[key]
+
+    def _layer_prefix(self, tokens: Tensor) -> tuple[Any, ...]:
+        """(x, P, z* (b, p, n_heads, d_head), the readout's part of P or None)."""
+        resid = self.embed(tokens)
+        for (norm, attention), mlp in zip(self.blocks[: self.layer], self.mlps):
+            resid = resid + attention(norm(resid))
+            if mlp is not None:
+                resid = resid + mlp(resid)
+        norm, attention = self.blocks[self.layer]
+        x = norm(resid)
+        z = attention.z(x)
+        stream = resid + attention.project(z)
+        read = self.readout.prefix(stream) if self.readout is not None else None
+        return x, stream, z, read
+
+    def prefix(self, tokens: Tensor, **kwargs: Any) -> tuple[Any, ...]:
+        if kwargs:
+            raise TypeError(f"unsupported call arguments {sorted(kwargs)}")
+        x, stream, z, read = self.layer_prefix(tokens)
+        return x, stream, z[:, :, self.head], read
+
+    def suffix(self, params: Mapping[str, Tensor], cached: tuple[Any, ...]) -> Tensor:
+        x, stream, z_star, read = cached
+        z, W_O = _replica_head_z(x, params, self.frozen, self.prefix_name, self.head, self.scale)
+        replicas = z.shape[0]
+        # The replica's head output in place of the one at w*: [z, z*] @ [W_O; -W_O*].
+        z = torch.cat([z, z_star.expand(z.shape)], dim=-1)
+        W_star = self.frozen[self.prefix_name + "W_O"][self.head]
+        W_O = torch.cat([W_O, -W_star.expand(W_O.shape)], dim=-2)
+        if self.readout is not None and self.layer + 1 == len(self.blocks):
+            return self.readout(read, z, W_O)[0]  # the head's layer is the last: logits
+        resid = _fold(stream + torch.einsum("rbpk,rkd->rbpd", z, W_O))
+        later = self.layer + 1
+        if self.readout is not None:
+            attention = self.blocks[later][1]
+            q, k, v = (_fold(t) for t in self.readout(read, z, W_O, parts=3))
+            resid = resid + attention.project(attention.attend((q, k, v)))
+            later += 1
+        elif self.mlps[self.layer] is not None:
+            resid = resid + self.mlps[self.layer](resid)
+        for (norm, attention), mlp in zip(self.blocks[later:], self.mlps[later:]):
+            resid = resid + attention(norm(resid))
+            if mlp is not None:
+                resid = resid + mlp(resid)
+        final = self.final_norm(resid)
+        logits = torch.addmm(self.b_U, final.reshape(-1, final.shape[-1]), self.W_U)
+        return logits.reshape((replicas, -1) + resid.shape[1:2] + logits.shape[-1:])
+
+
+class AttnOnlyHeadSplit(_HeadSplit):
+    """One head of :class:`~bayes_susc.models.attn_only.AttnOnlyTransformer` (with or
+    without LayerNorm): see :class:`_HeadSplit`."""
+
+    name = "attn_only_head"
+
+    def __init__(self, model: nn.Module, layer: int, head: int) -> None:
+        self.model = model
+        self.embed = model.embed_tokens
+        self.blocks = [
+            (_fused_layer_norm(b.ln1), _FusedAttention(b.attn, b.attn.scale)) for b in model.blocks
+        ]
+        self.mlps = [None] * len(model.blocks)
+        self.final_norm = _fused_layer_norm(model.ln_final)
+        self.W_U = model.unembed.W_U.detach()
+        self.b_U = model.unembed.b_U.detach()
+        norms = [b.ln1 for b in model.blocks[layer + 1 :]] + [model.ln_final]
+        self._setup(model, model.blocks[layer].attn, layer, head, norms)
 
 
 def _attn_only_factory(model: nn.Module, component: ResolvedComponent) -> ForwardSplit | None:
@@ -264,76 +514,31 @@ def _attn_only_factory(model: nn.Module, component: ResolvedComponent) -> Forwar
     return AttnOnlyHeadSplit(model, where[1], where[2])
 
 
-def _fused_layer_norm(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    """A frozen TransformerLens ``LayerNorm`` / ``LayerNormPre`` as one fused kernel
-    (theirs is five elementwise passes); any other module is returned as it is.
-    x (..., d_model) -> (..., d_model)."""
-    kind = type(module).__name__
-    if kind == "LayerNorm" and module.cfg.dtype in (torch.float32, torch.float64):
-        w, b, eps = module.w.detach(), module.b.detach(), module.eps
-        return lambda x: F.layer_norm(x, w.shape, w, b, eps)
-    if kind == "LayerNormPre" and module.cfg.dtype in (torch.float32, torch.float64):
-        eps = module.eps
-        return lambda x: F.layer_norm(x, x.shape[-1:], None, None, eps)
-    return module
-
-
-class TransformerLensHeadSplit(ForwardSplit):
+class TransformerLensHeadSplit(_HeadSplit):
     """One head of a TransformerLens 3.x ``HookedTransformer`` (pre-norm blocks, learned
-    absolute positions, no rotary/ALiBi, no grouped keys).
-
-    The prefix runs the blocks below ``layer`` and every head of block ``layer`` (their
-    attention fused), and keeps the residual plus the other heads' output; the suffix
-    adds each replica's head output, and runs the block's MLP (if any) and the later
-    blocks (their attention fused) on all replicas as one batch.
-    """
+    absolute positions, no rotary/ALiBi, no grouped keys): see :class:`_HeadSplit`. In a
+    model with MLPs the head's own block's MLP runs in the suffix."""
 
     name = "transformer_lens_head"
 
     def __init__(self, model: nn.Module, layer: int, head: int) -> None:
-        self.model, self.layer, self.head = model, layer, head
-        self.prefix_name = f"blocks.{layer}.attn."
-        self.frozen = {
-            self.prefix_name + n: p.detach() for n, p in model.blocks[layer].attn.named_parameters()
-        }
-        # Later blocks' attention fused (TransformerLens materializes and masks the
-        # scores tensor in several passes; the replicas make it 4x larger still).
-        fused = [
+        self.model = model
+        self.embed = lambda tokens: model.embed(tokens) + model.pos_embed(tokens)
+        # Attention fused (TransformerLens materializes and masks the scores tensor in
+        # several passes; the replicas make it 4x larger still).
+        self.blocks = [
             (_fused_layer_norm(b.ln1), _FusedAttention(b.attn, 1.0 / b.attn.attn_scale))
             for b in model.blocks
         ]
-        self.earlier, self.own, self.later = fused[:layer], fused[layer], fused[layer + 1 :]
-        self.ln_final = _fused_layer_norm(model.ln_final)
-
-    def prefix(self, tokens: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        if kwargs:
-            raise TypeError(f"unsupported call arguments {sorted(kwargs)}")
-        model = self.model
-        resid = model.embed(tokens) + model.pos_embed(tokens)
-        for block, (ln1, attention) in zip(model.blocks, self.earlier):
-            resid = resid + attention(ln1(resid))
-            if not model.cfg.attn_only:
-                resid = resid + block.apply_mlp(block.ln2(resid))
-        ln1, attention = self.own
-        x = ln1(resid)
-        attn = model.blocks[self.layer].attn
-        return x, resid + _others_output(attention.z(x), attn.W_O, attn.b_O, self.head)
-
-    def suffix(self, params: Mapping[str, Tensor], cached: tuple[Tensor, Tensor]) -> Tensor:
-        x, partial = cached
-        model = self.model
-        block = model.blocks[self.layer]
-        scale = 1.0 / block.attn.attn_scale
-        out = _replica_head_output(x, params, self.frozen, self.prefix_name, self.head, scale)
-        resid = _fold(partial + out)
-        if not model.cfg.attn_only:
-            resid = resid + block.apply_mlp(block.ln2(resid))
-        for later, (ln1, attention) in zip(model.blocks[self.layer + 1 :], self.later):
-            resid = resid + attention(ln1(resid))
-            if not model.cfg.attn_only:
-                resid = resid + later.apply_mlp(later.ln2(resid))
-        logits = model.unembed(self.ln_final(resid))
-        return logits.reshape(out.shape[:2] + logits.shape[1:])
+        self.mlps = [
+            None if model.cfg.attn_only else (lambda r, b=b: b.apply_mlp(b.ln2(r)))
+            for b in model.blocks
+        ]
+        self.final_norm = _fused_layer_norm(model.ln_final)
+        self.W_U = model.unembed.W_U.detach()
+        self.b_U = model.unembed.b_U.detach()
+        norms = [b.ln1 for b in model.blocks[layer + 1 :]] + [model.ln_final]
+        self._setup(model, model.blocks[layer].attn, layer, head, norms)
 
 
 def _transformer_lens_factory(
@@ -360,6 +565,12 @@ def _standard_tl(cfg: Any) -> bool:
         and not getattr(cfg, "use_attn_in", False)
         and getattr(cfg, "attention_dir", "causal") == "causal"
     )
+
+
+def _cat_replicas(tensors: list[Tensor]) -> Tensor:
+    """Concatenate (R or 1, k_i, ...) tensors along axis 1, broadcasting the replica axis."""
+    replicas = max(t.shape[0] for t in tensors)
+    return torch.cat([t.expand((replicas,) + t.shape[1:]) for t in tensors], dim=1)
 
 
 class TransformerLensReplicaForward(ForwardSplit):
@@ -407,29 +618,30 @@ class TransformerLensReplicaForward(ForwardSplit):
         resid = resid.expand((replicas,) + resid.shape[1:])
         for layer, block in enumerate(self.model.blocks):
             pre = f"blocks.{layer}."
-            x = self._norm(params, pre + "ln1.", resid)
-
-            def proj(w: str, bias: str, x: Tensor = x, pre: str = pre) -> Tensor:
-                weight, offset = self._w(params, pre + w), self._w(params, pre + bias)
-                out = torch.einsum("rbpd,rhde->rbhpe", x, weight)
-                return (out + offset[:, None, :, None, :]).expand((replicas,) + out.shape[1:])
-
-            q = proj("attn.W_Q", "attn.b_Q")
-            k = proj("attn.W_K", "attn.b_K")
-            v = proj("attn.W_V", "attn.b_V")
-            n, e = q.shape[2], q.shape[4]
+            x = self._norm(params, pre + "ln1.", resid).reshape(replicas, b * p, -1)
+            # Q, K and V of every head as one product with the bias folded in.
+            weight = _cat_replicas([self._w(params, pre + f"attn.W_{c}") for c in "QKV"])
+            heads3, d, e = weight.shape[1:]
+            weight = weight.permute(0, 2, 1, 3).reshape(-1, d, heads3 * e)
+            offset = _cat_replicas([self._w(params, pre + f"attn.b_{c}") for c in "QKV"])
+            qkv = torch.baddbmm(
+                offset.reshape(-1, 1, heads3 * e), x, weight.expand(replicas, -1, -1)
+            )
+            n = heads3 // 3
+            q, k, v = qkv.reshape(replicas * b, p, 3, n, e).permute(2, 0, 3, 1, 4)
             z = F.scaled_dot_product_attention(
-                q.reshape(-1, n, p, e),
-                k.reshape(-1, n, p, e),
-                v.reshape(-1, n, p, e),
-                is_causal=True,
-                scale=1.0 / block.attn.attn_scale,
-            ).reshape(replicas, b, n, p, e)
-            out = torch.einsum("rbhpe,rhed->rbpd", z, self._w(params, pre + "attn.W_O"))
-            resid = resid + out + self._w(params, pre + "attn.b_O")[:, None, None, :]
-        x = self._norm(params, "ln_final.", resid)
-        logits = torch.einsum("rbpd,rdv->rbpv", x, self._w(params, "unembed.W_U"))
-        return logits + self._w(params, "unembed.b_U")[:, None, None, :]
+                q, k, v, is_causal=True, scale=1.0 / block.attn.attn_scale
+            )  # (R b, n, p, e)
+            z = z.transpose(1, 2).reshape(replicas, b * p, n * e)
+            W_O = self._w(params, pre + "attn.W_O").reshape(-1, n * e, d)
+            b_O = self._w(params, pre + "attn.b_O")
+            out = torch.baddbmm(b_O[:, None, :], z, W_O.expand(replicas, -1, -1))
+            resid = resid + out.reshape(replicas, b, p, d)
+        x = self._norm(params, "ln_final.", resid).reshape(replicas, b * p, -1)
+        W_U = self._w(params, "unembed.W_U")
+        b_U = self._w(params, "unembed.b_U")
+        logits = torch.baddbmm(b_U[:, None, :], x, W_U.expand(replicas, -1, -1))
+        return logits.reshape(replicas, b, p, -1)
 
 
 def _transformer_lens_replicas_factory(

@@ -744,7 +744,13 @@ def _unrestricted_means(source: Any, num_probe: int, chunk: int | None = None) -
     return m
 
 
-def _validate(method: Any, confidence: Any, n_resamples: Any, seed: Any) -> tuple:
+def validate_settings(method: Any, confidence: Any, n_resamples: Any, seed: Any) -> tuple:
+    """Check the interval settings of :func:`susceptibility` before any estimation.
+
+    Returns ``(method, confidence, n_resamples, seed)`` validated (confidence a fraction in
+    (0, 1), n_resamples >= 1, seed >= 0); raises ValueError or TypeError naming the
+    argument otherwise.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     confidence = check_fraction("confidence", confidence, open_low=True)
@@ -1135,7 +1141,7 @@ def estimate(
         ValueError: an argument is out of range (naming it), shapes do not match, or
             fewer than two finite draws are left after excluding diverged chains.
     """
-    method, confidence, n_resamples, seed = _validate(method, confidence, n_resamples, seed)
+    method, confidence, n_resamples, seed = validate_settings(method, confidence, n_resamples, seed)
     probe_chunk = _check_probe_chunk(probe_chunk)
     run = _read(data, "data")
     results, info, coords = _estimate_runs(
@@ -1200,7 +1206,7 @@ def estimate_many(
         ValueError: no runs, different (chain, draw) shapes or probe items, or any
             :func:`estimate` error.
     """
-    method, confidence, n_resamples, seed = _validate(method, confidence, n_resamples, seed)
+    method, confidence, n_resamples, seed = validate_settings(method, confidence, n_resamples, seed)
     if not isinstance(runs, Mapping) or not runs:
         raise ValueError(
             "runs must be a non-empty mapping of component name -> sampling result, got "

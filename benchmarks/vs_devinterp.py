@@ -94,6 +94,7 @@ import numpy as np
 import torch
 
 from bayes_susc import LocalPosterior, get_group, sample
+from bayes_susc.allocator import keep_freed_memory
 from bayes_susc.architectures import attention_heads, by_regex
 from bayes_susc.components import Component
 from bayes_susc.convergence import mcse_mean
@@ -678,11 +679,21 @@ def main(argv: list[str] | None = None) -> None:
         help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads spin "
         "and swing 5-15x; use 2 on a quiet one)",
     )
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc malloc's defaults (by default both sides run after "
+        "bayes_susc.allocator.keep_freed_memory(): the process setting the CLI uses)",
+    )
     parser.add_argument("--skip-peer", action="store_true", help="time bayes_susc only")
     parser.add_argument("--peer-first", action="store_true", help="run devinterp first")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Process-wide, so it holds for both sides alike.
+    allocator = "glibc default" if args.default_allocator else "keep_freed_memory"
+    if not args.default_allocator and not keep_freed_memory():
+        allocator = "default (keep_freed_memory unavailable here)"
     cfg = QUICK if args.quick else FULL
     if not args.skip_peer:
         try:
@@ -696,7 +707,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg, args.out, skip_peer=args.skip_peer, peer_first=args.peer_first, verbose=True
     )
     results["quick"] = args.quick
+    results["allocator"] = allocator
     _print(results)
+    print(f"allocator (both sides): {allocator}")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out / 'results.json'}")
 

@@ -46,6 +46,8 @@ def test_split_losses_and_gradients_match_plain(name, layernorm):
     batches = [_tokens(4, 0), _tokens(4, 1)]
     fast, plain = _pair(model, component, batches)
     assert fast.split is not None and fast.describe()["split"] == "attn_only_head"
+    # The map above the head (next layer's Q/K/V, or the unembedding) runs low-rank.
+    assert fast.split.readout is not None
     assert plain.split is None
     positions = fast.anchor_vector + 0.1 * torch.randn(
         3, fast.dim, generator=torch.Generator().manual_seed(1)
@@ -62,6 +64,30 @@ def test_split_losses_and_gradients_match_plain(name, layernorm):
     torch.testing.assert_close(ga.grad, gb.grad, rtol=1e-5, atol=1e-4)
     # The gradient is not trivially small: the comparison has something to compare.
     assert gb.grad.abs().max() > 1.0
+
+
+def test_replica_broadcasting_loss_equals_vmapped_loss():
+    """``next_token_loss`` declares ``broadcasts_replicas``: called once on all replicas'
+    logits it gives what the per-replica (vmapped) call of the same loss gives."""
+    model = _model()
+    component = {c.name: c for c in head_components(model)}["L0H1"]
+    batches = [_tokens(4, 0)]
+    assert next_token_loss.broadcasts_replicas is True
+    broadcast = LocalPosterior(model, next_token_loss, batches, component)
+    vmapped = LocalPosterior(model, lambda m, t: next_token_loss(m, t), batches, component)
+    positions = broadcast.anchor_vector + 0.1 * torch.randn(
+        3, broadcast.dim, generator=torch.Generator().manual_seed(2)
+    )
+    a, b = (
+        broadcast.potential_and_grad(positions, batches[0]),
+        vmapped.potential_and_grad(positions, batches[0]),
+    )
+    torch.testing.assert_close(a.potential, b.potential, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-5)
+    probe = [_tokens(5, 7)]
+    torch.testing.assert_close(
+        broadcast.batch_item_losses(positions, probe), vmapped.batch_item_losses(positions, probe)
+    )
 
 
 @pytest.mark.parametrize("name", ["L0H2", "L1H0"])
@@ -242,6 +268,12 @@ def test_transformer_lens_head_split_matches_plain(attn_only, norm):
     tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))
     for component in attention_heads(model)[::3]:
         _assert_split_matches_plain(model, component, tokens, "transformer_lens_head", 1e-5, 1e-4)
+    # Low-rank readout above the head only where nothing but a norm and a linear map
+    # follows it (not an MLP).
+    from bayes_susc.splits import find_split
+
+    split = find_split(model, attention_heads(model)[0].resolve(model))
+    assert (split.readout is not None) == attn_only
 
 
 @pytest.mark.parametrize("norm", ["LN", "LNPre"])
@@ -261,3 +293,43 @@ def test_transformer_lens_replica_forward_matches_plain(norm):
         _assert_split_matches_plain(
             model, component, tokens, "transformer_lens_replicas", 2e-5, 2e-4
         )
+
+
+def test_heads_of_a_layer_share_one_prefix_per_batch():
+    """The frozen part up to a layer is computed once per batch for all heads of that
+    layer; an in-place change of the tokens or of the weights is never served stale."""
+    model = _model()
+    heads = {c.name: c.resolve(model) for c in head_components(model)}
+    a, b, other = (find_split(model, heads[n]) for n in ("L1H0", "L1H2", "L0H1"))
+    assert a.layer_prefix is b.layer_prefix
+    assert other.layer_prefix is not a.layer_prefix
+    calls = []
+    compute = a.layer_prefix.compute
+    a.layer_prefix.compute = lambda t: calls.append(1) or compute(t)
+    tokens = _tokens(3, 5)
+    first = a.prefix(tokens)
+    second = b.prefix(tokens)
+    assert len(calls) == 1
+    assert first[1] is second[1]  # the same residual stream, not a copy
+    # Each head takes its own slice of the layer's attention outputs.
+    assert torch.equal(first[2], a.layer_prefix(tokens)[2][:, :, 0])
+    assert torch.equal(second[2], a.layer_prefix(tokens)[2][:, :, 2])
+    tokens[0, 0] = (tokens[0, 0] + 1) % 40  # in place: the cached prefix is stale
+    b.prefix(tokens)
+    assert len(calls) == 2
+    # New weights (an optimizer step) make new splits use a new cache.
+    with torch.no_grad():
+        model.blocks[0].attn.W_Q.add_(0.01)
+    assert find_split(model, heads["L1H0"]).layer_prefix is not a.layer_prefix
+    # And what the split computes then matches the plain forward with the new weights.
+    fast = LocalPosterior(model, next_token_loss, [_tokens(4, 0)], head_components(model)[5])
+    assert fast.split is not None
+    plain = LocalPosterior(
+        model, next_token_loss, [_tokens(4, 0)], head_components(model)[5], split=None
+    )
+    torch.testing.assert_close(
+        fast.batch_item_losses(fast.anchor_vector[None], [tokens]),
+        plain.batch_item_losses(plain.anchor_vector[None], [tokens]),
+        rtol=0,
+        atol=1e-5,
+    )

@@ -70,7 +70,7 @@ from diagnostics import coverage as coverage_study  # noqa: E402
 
 FAST = os.environ.get("BAYES_SUSC_FAST", "") not in ("", "0")
 NUM_DRAWS = 400 if FAST else 1000
-NUTS_CHAINS, NUTS_DRAWS = (2, 100) if FAST else (4, 400)
+NUTS_CHAINS, NUTS_DRAWS = (2, 200) if FAST else (4, 400)
 SG_DRAWS = 200 if FAST else 800
 COVERAGE_REPS = 100 if FAST else 200
 torch.set_num_threads(1)  # tiny models: one thread is fastest and keeps timings stable

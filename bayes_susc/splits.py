@@ -348,22 +348,25 @@ class _LayerPrefixCache:
     tokens, shared by the head splits of that layer: eight heads of a layer sampled one
     after another compute it once per batch instead of eight times.
 
-    ``(tokens)`` -> ``compute(tokens)``, cached while the tokens tensor lives and is not
-    modified in place.
+    ``(tokens, compute)`` -> ``compute(tokens)``, cached while the tokens tensor lives and
+    is not modified in place. The caller passes ``compute`` (its own bound method) at each
+    call: the cache lives in a module-level table weakly keyed by the model, and holding a
+    function that reaches the model would keep every model alive for good.
     """
 
-    def __init__(self, compute: Callable[[Tensor], tuple[Tensor, ...]]) -> None:
-        self.compute = compute
+    def __init__(self) -> None:
         self.entries: OrderedDict[int, tuple[weakref.ref, int, tuple, int]] = OrderedDict()
         self.bytes = 0
 
-    def __call__(self, tokens: Tensor) -> tuple[Tensor, ...]:
+    def __call__(
+        self, tokens: Tensor, compute: Callable[[Tensor], tuple[Any, ...]]
+    ) -> tuple[Any, ...]:
         key = id(tokens)
         hit = self.entries.get(key)
         if hit is not None and hit[0]() is tokens and hit[1] == tokens._version:
             self.entries.move_to_end(key)
             return hit[2]
-        value = self.compute(tokens)
+        value = compute(tokens)
         self._drop(key)
         size = sum(t.nbytes for t in value if isinstance(t, Tensor))
         ref = weakref.ref(tokens, lambda dead, key=key: self._drop(key, dead))
@@ -434,7 +437,7 @@ class _HeadSplit(ForwardSplit):
         if key not in caches:
             for stale in [k for k in caches if k[3] != weights]:
                 del caches[stale]  # built from other weights: never used again
-            caches[key] = _LayerPrefixCache(self._layer_prefix)
+            caches[key] = _LayerPrefixCache()
         self.layer_prefix = caches[key]
 
     def _layer_prefix(self, tokens: Tensor) -> tuple[Any, ...]:
@@ -454,7 +457,7 @@ class _HeadSplit(ForwardSplit):
     def prefix(self, tokens: Tensor, **kwargs: Any) -> tuple[Any, ...]:
         if kwargs:
             raise TypeError(f"unsupported call arguments {sorted(kwargs)}")
-        x, stream, z, read = self.layer_prefix(tokens)
+        x, stream, z, read = self.layer_prefix(tokens, self._layer_prefix)
         return x, stream, z[:, :, self.head], read
 
     def suffix(self, params: Mapping[str, Tensor], cached: tuple[Any, ...]) -> Tensor:

@@ -304,16 +304,17 @@ def test_heads_of_a_layer_share_one_prefix_per_batch():
     assert a.layer_prefix is b.layer_prefix
     assert other.layer_prefix is not a.layer_prefix
     calls = []
-    compute = a.layer_prefix.compute
-    a.layer_prefix.compute = lambda t: calls.append(1) or compute(t)
+    for split in (a, b):
+        compute = split._layer_prefix
+        split._layer_prefix = lambda t, compute=compute: calls.append(1) or compute(t)
     tokens = _tokens(3, 5)
     first = a.prefix(tokens)
     second = b.prefix(tokens)
     assert len(calls) == 1
     assert first[1] is second[1]  # the same residual stream, not a copy
     # Each head takes its own slice of the layer's attention outputs.
-    assert torch.equal(first[2], a.layer_prefix(tokens)[2][:, :, 0])
-    assert torch.equal(second[2], a.layer_prefix(tokens)[2][:, :, 2])
+    assert torch.equal(first[2], a.layer_prefix(tokens, a._layer_prefix)[2][:, :, 0])
+    assert torch.equal(second[2], a.layer_prefix(tokens, a._layer_prefix)[2][:, :, 2])
     tokens[0, 0] = (tokens[0, 0] + 1) % 40  # in place: the cached prefix is stale
     b.prefix(tokens)
     assert len(calls) == 2
@@ -333,3 +334,18 @@ def test_heads_of_a_layer_share_one_prefix_per_batch():
         rtol=0,
         atol=1e-5,
     )
+
+
+def test_shared_prefix_cache_does_not_keep_the_model_alive():
+    """The per-layer caches live in a table weakly keyed by the model; nothing in them may
+    reach the model, or every model ever split would stay in memory with its prefixes."""
+    import gc
+    import weakref
+
+    model = _model()
+    split = find_split(model, head_components(model)[5].resolve(model))
+    split.prefix(_tokens(2, 0))
+    alive = weakref.ref(model)
+    del model, split
+    gc.collect()
+    assert alive() is None

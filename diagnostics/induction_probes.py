@@ -21,20 +21,23 @@ posterior) and the data the posterior and φ are built on: ``natural`` (the demo
 windows) or ``training`` (the model's own training distribution, a quarter of each batch a
 repeated random block, :func:`bayes_susc.models.train_demo.training_batch`). An induction
 head that *expresses* induction tokens would show χ(second copy) well below χ(first copy).
+A last setting samples groups of layer-1 heads jointly (:data:`JOINT_HEADS`), in case the
+induction work is shared among them.
 
-Measured (2026-12-02, ``diagnostics/reports/induction_probes``, 16 heads, 16 natural + 16
-repeated windows, 14 min on one core): in every setting all eight layer-0 heads express the
-second copy strongly (contrast −4.7 to −40 ×1e-3, intervals well away from zero) — they
-feed the induction circuit (previous-token information for layer 1's keys) — while no
-layer-1 head does (−0.5 to +0.15 ×1e-3 with intervals of about ±0.5 ×1e-3), the strongest
-induction heads included. The posterior's spread in a layer-1 head (φ ≈ 0.2-0.3 nats at
-nβ = 30) moves the losses of induction and ordinary tokens alike (per-token loss standard
-deviation 0.63 against 0.59 nats for L1H2); a likely reason, not tested here, is that five
-layer-1 heads share the induction work, so perturbing one leaves the others to do it. No
-PCA margin is
-positive for the top 2-4 induction heads (best −0.04); at nβ = 300 the top one alone gets
-+0.31. Sharpening the posterior tenfold or sampling it on the model's own training mixture
-does not change this picture.
+Measured (2026-12-02, ``diagnostics/reports/induction_probes``: 16 heads, 16 natural and 16
+repeated windows, then the joint runs; 18 min on one core). In every setting all eight
+layer-0 heads express the second copy strongly (contrast −4.7 to −40 ×1e-3, intervals well
+away from zero), consistent with their feeding layer 1's induction (previous-token
+information for its keys). No layer-1 head does (−0.5 to +0.15 ×1e-3, intervals of about
+±0.5 ×1e-3), the strongest induction heads included. The posterior's spread in a layer-1
+head (φ ≈ 0.2-0.3 nats at nβ = 30) moves the losses of induction and ordinary tokens alike:
+per-token loss standard deviation 0.63 against 0.59 nats for L1H2 (training-mixture
+posterior). Redundancy is not the reason: sampling the layer-1 induction heads *jointly* as
+one component (two, all five, the whole layer) gives contrasts of +0.03, −0.18 and −1.2
+×1e-3, against −4.7 or below for every single layer-0 head. No PCA margin is positive for
+the top 2-4 induction heads (best −0.04); at nβ = 300 the top one alone gets +0.31.
+Sharpening the posterior tenfold or sampling it on the model's own training mixture does
+not change this picture.
 """
 
 from __future__ import annotations

@@ -99,16 +99,17 @@ def _groups(coords: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _model(data: dict[str, Any]):
+def _model():
     """The shipped demo model (copied into a throw-away run folder) and its induction
     scores over ``component``."""
     import tempfile
 
-    from bayes_susc.demo import demo_head_roles, trained_demo_model
+    from bayes_susc.demo import DemoSettings, demo_head_roles, trained_demo_model
 
+    settings = DemoSettings()
     with tempfile.TemporaryDirectory() as tmp:
-        model = trained_demo_model(Path(tmp), data["settings"])
-    return model, demo_head_roles(model, data["settings"])["induction"]
+        model = trained_demo_model(Path(tmp), settings)
+    return model, demo_head_roles(model, settings)["induction"]
 
 
 def _sample_groups(model, data, components, nbeta, step_size, quick, seed) -> tuple[dict, dict]:
@@ -150,14 +151,20 @@ def _sample_groups(model, data, components, nbeta, step_size, quick, seed) -> tu
 
 
 def _setting(
-    heads, nbeta: float, step_size: float, posterior_data: str, quick: bool, seed: int
+    model,
+    induction,
+    heads,
+    nbeta: float,
+    step_size: float,
+    posterior_data: str,
+    quick: bool,
+    seed: int,
 ) -> dict[str, Any]:
     from bayes_susc.models.attn_only import head_components
     from bayes_susc.report import induction_separation
     from bayes_susc.response_matrix import build_response_matrix, pca
 
     data = _data(posterior_data, 4 if quick else 16, 4 if quick else 16, seed)
-    model, induction = _model(data)
     components = [c for c in head_components(model) if heads is None or c.name in heads]
     runs, chi = _sample_groups(model, data, components, nbeta, step_size, quick, seed)
     per_head = {
@@ -186,34 +193,35 @@ def _setting(
 #: the two strongest induction heads, all five with score > 0.35, a non-induction pair, and
 #: the whole layer.
 JOINT_HEADS = {
-    "L1H2+L1H4": (2, 4),
-    "L1H1+L1H2+L1H4+L1H5+L1H7": (1, 2, 4, 5, 7),
-    "L1H3+L1H6": (3, 6),
-    "L1 (all 8)": tuple(range(8)),
+    "L1H2+L1H4": ("L1H2", "L1H4"),
+    "L1H1+L1H2+L1H4+L1H5+L1H7": ("L1H1", "L1H2", "L1H4", "L1H5", "L1H7"),
+    "L1H3+L1H6": ("L1H3", "L1H6"),
+    "L1 (all 8)": tuple(f"L1H{h}" for h in range(8)),
 }
 
 
-def joint_component(model, name: str, layer: int, heads: tuple[int, ...]):
-    """One component freeing several heads of ``layer`` at once (boolean masks over the
-    head axis of W_Q, W_K, W_V, W_O, b_Q, b_K, b_V)."""
-    from bayes_susc.components import Component
+def joint_component(model, name: str, heads: tuple[str, ...]):
+    """One component freeing every entry of the named heads
+    (:func:`~bayes_susc.models.attn_only.head_components`) at once, as boolean masks."""
+    from bayes_susc.architectures import by_mask
+    from bayes_susc.models.attn_only import head_components
 
+    by_name = {c.name: c for c in head_components(model)}
     params = dict(model.named_parameters())
-    selections = {}
-    for suffix in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"):
-        key = f"blocks.{layer}.attn.{suffix}"
-        mask = torch.zeros(params[key].shape, dtype=torch.bool)
-        mask[list(heads)] = True
-        selections[key] = mask
-    return Component(name, selections)
+    masks: dict[str, torch.Tensor] = {}
+    for head in heads:
+        resolved = by_name[head].resolve(model)
+        for pname, index in zip(resolved.param_names, resolved.flat_indices):
+            flat = masks.setdefault(pname, torch.zeros(params[pname].numel(), dtype=torch.bool))
+            flat[index] = True
+    return by_mask(name, {p: m.reshape(params[p].shape) for p, m in masks.items()}, model)
 
 
-def _joint_setting(quick: bool, seed: int) -> dict[str, Any]:
+def _joint_setting(model, quick: bool, seed: int) -> dict[str, Any]:
     """The demo's defaults (nβ 30, ε 1e-3, natural data), heads sampled jointly."""
     data = _data("natural", 4 if quick else 16, 4 if quick else 16, seed)
-    model, _ = _model(data)
     joint = dict(list(JOINT_HEADS.items())[:1]) if quick else JOINT_HEADS
-    components = [joint_component(model, name, 1, heads) for name, heads in joint.items()]
+    components = [joint_component(model, name, heads) for name, heads in joint.items()]
     _, chi = _sample_groups(model, data, components, 30.0, 1e-3, quick, seed)
     return chi
 
@@ -221,6 +229,7 @@ def _joint_setting(quick: bool, seed: int) -> dict[str, Any]:
 def run_study(quick: bool, seed: int) -> dict[str, Any]:
     """Every setting of the module docstring; quick: 4 heads, fewer probes and draws."""
     torch.set_num_threads(1)
+    model, induction = _model()
     heads = QUICK_HEADS if quick else FULL_HEADS
     settings = [(30.0, 1e-3, "natural"), (30.0, 1e-3, "training"), (300.0, 1e-3, "training")]
     if quick:
@@ -228,9 +237,16 @@ def run_study(quick: bool, seed: int) -> dict[str, Any]:
     return {
         "quick": quick,
         "seed": seed,
-        "settings": [_setting(heads, nb, eps, pd, quick, seed) for nb, eps, pd in settings],
-        "joint": _joint_setting(quick, seed),
+        "settings": [
+            _setting(model, induction, heads, nb, eps, pd, quick, seed) for nb, eps, pd in settings
+        ],
+        "joint": _joint_setting(model, quick, seed),
     }
+
+
+def _contrast(groups: dict[str, Any]) -> float:
+    """χ(second copy) − χ(first copy) of one component's data-set estimates."""
+    return groups["repeat, second copy"]["chi"] - groups["repeat, first copy"]["chi"]
 
 
 def plots(results: dict[str, Any], out: Path) -> None:
@@ -244,9 +260,7 @@ def plots(results: dict[str, Any], out: Path) -> None:
     for s in results["settings"]:
         heads = s["heads"]
         x = [h["induction_score"] for h in heads.values()]
-        y = [
-            h["repeat, second copy"]["chi"] - h["repeat, first copy"]["chi"] for h in heads.values()
-        ]
+        y = [_contrast(h) for h in heads.values()]
         ax.scatter(x, y, label=f"nβ {s['nbeta']:g}, {s['posterior_data']} data", s=18)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("induction score (attention)")
@@ -261,11 +275,7 @@ def _contrast_summary(heads: dict[str, Any]) -> str:
     """One sentence: the range of χ(second copy) − χ(first copy) per layer, ×1e3."""
     parts = []
     for layer in sorted({name[:2] for name in heads}):
-        d = [
-            1e3 * (h["repeat, second copy"]["chi"] - h["repeat, first copy"]["chi"])
-            for name, h in heads.items()
-            if name.startswith(layer)
-        ]
+        d = [1e3 * _contrast(h) for name, h in heads.items() if name.startswith(layer)]
         parts.append(f"layer {layer[1:]} heads {min(d):+.2f} to {max(d):+.2f}")
     return "χ(second copy) − χ(first copy) ×1e3: " + "; ".join(parts) + "."
 
@@ -289,7 +299,7 @@ def report(results: dict[str, Any]) -> str:
                     1e3 * first["chi"],
                     1e3 * second["chi"],
                     f"[{1e3 * second['ci_low']:.2f}, {1e3 * second['ci_high']:.2f}]",
-                    1e3 * (second["chi"] - first["chi"]),
+                    1e3 * _contrast(h),
                 ]
             )
         lines.append(
@@ -319,7 +329,7 @@ def report(results: dict[str, Any]) -> str:
                 1e3 * g["natural"]["chi"],
                 1e3 * g["repeat, first copy"]["chi"],
                 1e3 * g["repeat, second copy"]["chi"],
-                1e3 * (g["repeat, second copy"]["chi"] - g["repeat, first copy"]["chi"]),
+                1e3 * _contrast(g),
             ]
             for name, g in joint.items()
         ]

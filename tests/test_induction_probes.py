@@ -64,7 +64,7 @@ def test_joint_component_is_the_union_of_its_heads():
 
     model = AttnOnlyTransformer(demo_config(), generator=0)
     by_name = {c.name: c.resolve(model) for c in head_components(model)}
-    joint = study.joint_component(model, "pair", 1, (2, 4)).resolve(model)
+    joint = study.joint_component(model, "pair", ("L1H2", "L1H4")).resolve(model)
     assert joint.dim == by_name["L1H2"].dim + by_name["L1H4"].dim
     assert joint.param_names == by_name["L1H2"].param_names
     for k in range(len(joint.param_names)):

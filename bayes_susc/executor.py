@@ -21,6 +21,11 @@ An *executor* runs jobs. It has one method, ``map(fn, shared, jobs)``, returning
 iterator over ``fn(shared, job)`` for each job, in job order:
 
 - :class:`LocalExecutor` (the default): in this process, one job after another.
+- :class:`ProcessExecutor`: a pool of worker processes on this machine (standard
+  library ``concurrent.futures``, ``spawn``), each with its own torch thread count. On
+  a few cores, whole jobs side by side beat intra-op threads: small per-replica
+  kernels leave a second thread idle much of the time (measured on 2 cores:
+  ``benchmarks/README.md``).
 - :class:`RayExecutor`: one Ray task per job (``pip install 'bayes_susc[ray]'``), on a
   running cluster or a local one it starts; ``shared`` (the problem) is put in Ray's
   object store once, not shipped with every job.
@@ -47,9 +52,14 @@ from __future__ import annotations
 
 import inspect
 import json
+import multiprocessing
+import os
 import pickle
+import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -66,6 +76,7 @@ __all__ = [
     "Job",
     "LocalExecutor",
     "Problem",
+    "ProcessExecutor",
     "RayExecutor",
     "concat_chains",
     "iter_components",
@@ -234,6 +245,128 @@ class LocalExecutor:
         return "LocalExecutor()"
 
 
+# Per worker process: the last shared object shipped by a ProcessExecutor, by token. A
+# model that stays one object across a run's jobs keeps its per-layer prefix caches
+# (bayes_susc.splits), so heads of one layer run in one worker share them.
+_WORKER_SHARED: dict[str, Any] = {"token": None, "value": None}
+
+
+def _init_worker(threads: int, initializer: Callable[[], None] | None) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    if initializer is not None:
+        initializer()
+
+
+def _run_with_shared(fn: Callable[[Any, Any], Any], token: str, payload: bytes, job: Any) -> Any:
+    if _WORKER_SHARED["token"] != token:
+        # Our own pickle from the driver of this run, not a user file.
+        _WORKER_SHARED.update(token=token, value=pickle.loads(payload))
+    return fn(_WORKER_SHARED["value"], job)
+
+
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+class ProcessExecutor:
+    """Jobs on a pool of worker processes on this machine.
+
+    The pool (``concurrent.futures.ProcessPoolExecutor``, ``spawn`` start method: torch's
+    threads do not survive a fork) starts at the first :meth:`map` and serves every
+    later call until :meth:`shutdown` (or the end of a ``with`` block). All jobs of a
+    call are submitted at once and given to whichever worker is free; results come back
+    in job order, each as soon as it and the ones before it are done. ``shared`` is
+    pickled once per call and unpickled once per worker, so the jobs a worker runs share
+    one copy of the model. Same seeds, same numbers as :class:`LocalExecutor`.
+
+    Workers import ``fn``, the model's class and the loss function by module name, as
+    with Ray: functions defined in a script run as ``__main__`` reach them only if the
+    script can be imported (the usual ``if __name__ == "__main__":`` guard).
+
+    Args:
+        workers: worker processes (default: ``os.cpu_count() // threads_per_worker``).
+        threads_per_worker: torch intra-op threads in each worker.
+        initializer: a picklable zero-argument function each worker calls once at start
+            (after setting its threads), e.g. :func:`bayes_susc.allocator.keep_freed_memory`.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        threads_per_worker: int = 1,
+        initializer: Callable[[], None] | None = None,
+    ) -> None:
+        self.threads_per_worker = check_int("threads_per_worker", threads_per_worker, minimum=1)
+        if workers is None:
+            workers = max(1, (os.cpu_count() or 1) // self.threads_per_worker)
+        self.workers = check_int("workers", workers, minimum=1)
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable or None, got {initializer!r}")
+        self.initializer = initializer
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _ensure_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.threads_per_worker, self.initializer),
+            )
+        return self._pool
+
+    def start(self) -> float:
+        """Start the worker processes now (else the first :meth:`map` does) and wait until
+        every one has run its initializer; returns the seconds this took. Lets a caller
+        keep interpreter start-up and imports out of what it times."""
+        began = time.perf_counter()
+        pool = self._ensure_pool()
+        # Workers start together under spawn; a job each that waits a little lands one
+        # per worker, and none can run before its worker's initializer has finished.
+        seen: set[int] = set()
+        for _ in range(10):
+            seen |= set(pool.map(_pid_after, [0.05 * (1 + len(seen))] * self.workers))
+            if len(seen) >= self.workers:
+                break
+        return time.perf_counter() - began
+
+    def map(self, fn: Callable[[S, J], R], shared: S, jobs: Sequence[J]) -> Iterator[R]:
+        payload = pickle.dumps(shared)  # fails here, before any job, if it cannot travel
+        token = uuid.uuid4().hex
+        pool = self._ensure_pool()
+        futures = [pool.submit(_run_with_shared, fn, token, payload, job) for job in jobs]
+        return self._results(futures)
+
+    def _results(self, futures: list[Future]) -> Iterator[Any]:
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:  # abandoned or failed: drop the jobs not yet started
+                future.cancel()
+
+    def shutdown(self) -> None:
+        """Stop the worker processes (jobs not yet started are cancelled)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> ProcessExecutor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return (
+            f"ProcessExecutor(workers={self.workers}, threads_per_worker={self.threads_per_worker})"
+        )
+
+
 def _import_ray() -> Any:
     try:
         import ray
@@ -328,17 +461,23 @@ class RayExecutor:
 
 
 def make_executor(executor: Executor | str | None) -> Executor:
-    """An executor from ``None``/``"local"`` (in-process), ``"ray"``, or an instance."""
+    """An executor from ``None``/``"local"`` (in-process), ``"processes"`` (a
+    :class:`ProcessExecutor`, one single-threaded worker per core), ``"ray"``, or an
+    instance."""
     if executor is None or executor == "local":
         return LocalExecutor()
+    if executor == "processes":
+        return ProcessExecutor()
     if executor == "ray":
         return RayExecutor()
     if isinstance(executor, str):
-        raise ValueError(f"unknown executor {executor!r}; choose 'local' or 'ray', or pass one")
+        raise ValueError(
+            f"unknown executor {executor!r}; choose 'local', 'processes' or 'ray', or pass one"
+        )
     if not callable(getattr(executor, "map", None)):
         raise TypeError(
-            f"executor must be 'local', 'ray' or an object with map(fn, shared, jobs), got "
-            f"{executor!r}"
+            "executor must be 'local', 'processes', 'ray' or an object with "
+            f"map(fn, shared, jobs), got {executor!r}"
         )
     return executor
 
@@ -466,7 +605,8 @@ def sample_components(
     Args:
         problem: a :class:`Problem`, or a picklable zero-argument factory returning one.
         components: the components (unique names).
-        executor: ``None`` or ``"local"`` (in-process), ``"ray"`` (a :class:`RayExecutor`
+        executor: ``None`` or ``"local"`` (in-process), ``"processes"`` (a
+            :class:`ProcessExecutor` with defaults), ``"ray"`` (a :class:`RayExecutor`
             with defaults), or an executor instance.
         chains_per_job: chains per job; must divide ``num_chains``. ``None``: one job per
             component with all its chains.

@@ -70,16 +70,21 @@ Schema
     # seed = <sampling.seed>
 
     [run]                      # optional: where the sampling jobs run
-    executor = "local"         # or "ray" (pip install 'bayes_susc[ray]'): one Ray task
-                               # per (component, chain group); same numbers as "local"
+    executor = "local"         # or "processes": worker processes on this machine, or
+                               # "ray" (pip install 'bayes_susc[ray]'): one job per
+                               # (component, chain group); same numbers as "local"
     # chains_per_job = 2       # chains per job, dividing num_chains (default: all)
+    # workers = 2              # processes only (default: cores // threads_per_worker)
+    # threads_per_worker = 1   # processes only: torch threads in each worker
     # address = "auto"         # ray only: a running cluster (default: start a local one)
 
 With ``executor = "ray"`` the model and data are built here, checked, and shipped once
 through Ray's object store; the ``python_path`` folders are put on the Ray workers'
 ``PYTHONPATH`` so they can import the factories' modules (the folders must exist on
-every node). Changing ``[run]`` does not change results, so a run folder may be resumed
-with another executor.
+every node). With ``executor = "processes"`` the same happens on this machine's
+worker processes (:class:`bayes_susc.executor.ProcessExecutor`), which put the
+``python_path`` folders on their ``sys.path``. Changing ``[run]`` does not change
+results, so a run folder may be resumed with another executor.
 
 Relative ``checkpoint``, ``python_path`` and a ``config`` file path are resolved against
 the config file's folder (the working directory for a dict config); ``out`` against the
@@ -102,6 +107,7 @@ value and what is allowed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -203,6 +209,8 @@ _SAMPLING = {
 _RUN = {
     "executor": ("str", "local"),
     "chains_per_job": ("int", _NO),
+    "workers": ("int", _NO),
+    "threads_per_worker": ("int", _NO),
     "address": ("str", _NO),
 }
 _ESTIMATE = {
@@ -417,10 +425,17 @@ def _validate(cfg: Mapping) -> dict:
 
 
 def _check_run(r: dict, num_chains: int) -> None:
-    if r["executor"] not in ("local", "ray"):
-        raise ConfigError(f"[run.executor] must be 'local' or 'ray', got {r['executor']!r}")
+    if r["executor"] not in ("local", "processes", "ray"):
+        raise ConfigError(
+            f"[run.executor] must be 'local', 'processes' or 'ray', got {r['executor']!r}"
+        )
     if "address" in r and r["executor"] != "ray":
         raise ConfigError("[run.address] applies only with executor = 'ray'")
+    for key in ("workers", "threads_per_worker"):
+        if key in r and r["executor"] != "processes":
+            raise ConfigError(f"[run.{key}] applies only with executor = 'processes'")
+        if key in r and r[key] < 1:
+            raise ConfigError(f"[run.{key}] must be >= 1, got {r[key]}")
     per = r.get("chains_per_job", num_chains)
     if per < 1 or num_chains % per:
         raise ConfigError(
@@ -436,12 +451,24 @@ def _check_run(r: dict, num_chains: int) -> None:
             ) from None
 
 
+def _prepend_to_path(folders: tuple[str, ...]) -> None:
+    """A worker process's start: the config's ``python_path`` folders on ``sys.path``."""
+    sys.path[:0] = [f for f in folders if f not in sys.path]
+
+
 def _executor(r: Mapping, python_path: list[Path]) -> Any:
     """The executor of a validated [run] table."""
-    from bayes_susc.executor import LocalExecutor, RayExecutor
+    from bayes_susc.executor import LocalExecutor, ProcessExecutor, RayExecutor
 
     if r["executor"] == "local":
         return LocalExecutor()
+    if r["executor"] == "processes":
+        folders = tuple(map(str, python_path))
+        return ProcessExecutor(
+            r.get("workers"),
+            threads_per_worker=r.get("threads_per_worker", 1),
+            initializer=functools.partial(_prepend_to_path, folders) if folders else None,
+        )
     # Workers unpickle the model and loss by module name: give them the config's folders.
     path = os.pathsep.join(map(str, python_path))
     env = {"env_vars": {"PYTHONPATH": path}} if python_path else None
@@ -900,7 +927,7 @@ def run_from_config(
             a different model, data or sampling settings.
     """
     from bayes_susc.demo import component_summary, remove_stale_temporaries
-    from bayes_susc.executor import Problem, iter_components
+    from bayes_susc.executor import Problem, ProcessExecutor, iter_components
     from bayes_susc.response_matrix import build_response_matrix, save_response_matrix
     from bayes_susc.storage import load, save
 
@@ -948,12 +975,13 @@ def run_from_config(
             data["probe_coords"],
         )
         r = cfg["run"]
+        executor = _executor(r, p.python_path)
         # Each component is saved as soon as all its chain groups are in, so a killed
         # run resumes from the last finished component, whatever the executor.
-        for name, result in iter_components(
+        results = iter_components(
             problem,
             todo,
-            executor=_executor(r, p.python_path),
+            executor=executor,
             chains_per_job=r.get("chains_per_job"),
             nbeta=s["nbeta"],
             gamma=s["gamma"],
@@ -967,10 +995,15 @@ def run_from_config(
             # Bars of remote workers would only clutter their logs.
             progress=progress if r["executor"] == "local" else False,
             **_kernel_kwargs(s),
-        ):
-            save(result, out_dir / "components" / f"{name}.nc")
-            runs[name] = result
-            computed.append(name)
+        )
+        try:
+            for name, result in results:
+                save(result, out_dir / "components" / f"{name}.nc")
+                runs[name] = result
+                computed.append(name)
+        finally:
+            if isinstance(executor, ProcessExecutor):
+                executor.shutdown()  # its worker processes; a Ray cluster outlives the run
     runs = {comp.name: runs[comp.name] for comp in p.components}  # the config's order
 
     e = cfg["estimate"]

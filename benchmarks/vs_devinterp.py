@@ -70,7 +70,8 @@ one ``susceptibilities()`` call, which includes writing its zarr stores). The pe
 progress bars go to ``DIR/peer_stderr.log``.
 
     pip install -c constraints.txt -e ".[bench]"
-    python -m benchmarks.vs_devinterp [--quick] [--out DIR] [--threads N] [--skip-peer]
+    python -m benchmarks.vs_devinterp [--quick] [--out DIR] [--threads N] [--workers W]
+                                      [--skip-peer]
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -86,6 +88,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +101,8 @@ from bayes_susc.allocator import keep_freed_memory
 from bayes_susc.architectures import attention_heads, by_regex
 from bayes_susc.components import Component
 from bayes_susc.convergence import mcse_mean
+from bayes_susc.executor import Problem as ExecutorProblem
+from bayes_susc.executor import ProcessExecutor, iter_components
 from bayes_susc.models.attn_only import next_token_loss
 from bayes_susc.models.corpus import mixed_corpus
 from bayes_susc.models.train import train
@@ -291,17 +296,33 @@ def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
 
 
 # ------------------------------------------------------------------------ our side
-def run_ours(problem: Problem, cfg: BenchConfig, verbose: bool = False) -> dict[str, Any]:
+def _chain_method(post: LocalPosterior) -> str:
+    """Chains as one batch where a head's shared prefix applies; one after another for
+    the unrestricted run (measured at 1 thread: 76 ms per chain-step sequential against
+    95 vectorized — each replica's activations are its own and 4 at once overflow the
+    caches; heads: equal within 5 %)."""
+    head = post.split is not None and post.split.name.endswith("_head")
+    return "vectorized" if head else "sequential"
+
+
+def run_ours(
+    problem: Problem,
+    cfg: BenchConfig,
+    verbose: bool = False,
+    executor: ProcessExecutor | None = None,
+) -> dict[str, Any]:
     """Sample every head and the full model with bayes_susc; the renormalized matrix.
 
-    Returns a dict with ``seconds`` (end to end), ``seconds_per_component``,
-    ``matrix`` (the response matrix, an xarray Dataset over (probe, component)) and
-    ``full_run`` (the unrestricted run's InferenceData).
+    ``executor``: run the components side by side on its worker processes (started
+    already, see :func:`run_benchmark`); ``None``: in this process, one after another.
+
+    Returns a dict with ``seconds`` (end to end), ``seconds_per_component`` (in-process:
+    each component's own time; with workers: when its result reached this process,
+    from the start), ``matrix`` (the response matrix, an xarray Dataset over (probe,
+    component)) and ``full_run`` (the unrestricted run's InferenceData).
     """
     model = problem.model
     kwargs = dict(
-        eval_data=problem.eval_tokens,
-        probe_data=problem.probe_tokens,
         num_chains=cfg.num_chains,
         num_draws=cfg.num_draws,
         num_burnin=0,
@@ -310,24 +331,59 @@ def run_ours(problem: Problem, cfg: BenchConfig, verbose: bool = False) -> dict[
         progress=False,
         step_size=cfg.step_size,
     )
+    components = [by_regex("full", model, ".*"), *problem.components]
+
+    def posterior(comp: Component) -> LocalPosterior:
+        return LocalPosterior(
+            model, next_token_loss, problem.train_batches, comp, nbeta=cfg.nbeta, gamma=cfg.gamma
+        )
+
     per_component: dict[str, float] = {}
     start = time.perf_counter()
     runs: dict[str, Any] = {}
-    for comp in [by_regex("full", model, ".*"), *problem.components]:
-        t0 = time.perf_counter()
-        post = LocalPosterior(
-            model, next_token_loss, problem.train_batches, comp, nbeta=cfg.nbeta, gamma=cfg.gamma
+    if executor is None:
+        for comp in components:
+            t0 = time.perf_counter()
+            post = posterior(comp)
+            runs[comp.name] = sample(
+                post,
+                "sgld",
+                chain_method=_chain_method(post),
+                eval_data=problem.eval_tokens,
+                probe_data=problem.probe_tokens,
+                **kwargs,
+            )
+            per_component[comp.name] = time.perf_counter() - t0
+            if verbose:  # partial figures survive an interrupted (long, loaded) run
+                print(f"  bayes_susc {comp.name}: {per_component[comp.name]:.1f} s", flush=True)
+    else:
+        shared = ExecutorProblem(
+            model, next_token_loss, problem.train_batches, problem.eval_tokens, problem.probe_tokens
         )
-        # Chains as one batch where a head's shared prefix applies; one after another for
-        # the unrestricted run (measured here at 1 thread: 76 ms per chain-step sequential
-        # against 95 vectorized — each replica's activations are its own and 4 at once
-        # overflow the caches; heads: equal within 5 %).
-        head = post.split is not None and post.split.name.endswith("_head")
-        method = "vectorized" if head else "sequential"
-        runs[comp.name] = sample(post, "sgld", chain_method=method, **kwargs)
-        per_component[comp.name] = time.perf_counter() - t0
-        if verbose:  # partial figures survive an interrupted (long, loaded) run
-            print(f"  bayes_susc {comp.name}: {per_component[comp.name]:.1f} s", flush=True)
+        by_method: dict[str, list[Component]] = {"sequential": [], "vectorized": []}
+        for comp in components:
+            post = posterior(comp)
+            by_method[_chain_method(post)].append(comp)
+        # Both calls submit their jobs at once; the long unrestricted run goes first.
+        streams = [
+            iter_components(
+                shared,
+                comps,
+                executor=executor,
+                chain_method=method,
+                nbeta=cfg.nbeta,
+                gamma=cfg.gamma,
+                **kwargs,
+            )
+            for method, comps in by_method.items()
+            if comps
+        ]
+        for stream in streams:
+            for name, data in stream:
+                runs[name] = data
+                per_component[name] = time.perf_counter() - start
+                if verbose:
+                    print(f"  bayes_susc {name}: done at {per_component[name]:.1f} s", flush=True)
     full = runs.pop("full")
     t0 = time.perf_counter()
     matrix = build_response_matrix(runs, renormalized_from=full)
@@ -539,8 +595,16 @@ def run_benchmark(
     skip_peer: bool = False,
     peer_first: bool = False,
     verbose: bool = False,
+    workers: int = 1,
+    worker_init: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Build the problem, run both sides, compare; returns the results dict (JSON-able).
+
+    ``workers`` > 1: our side runs its components on that many worker processes
+    (:class:`~bayes_susc.executor.ProcessExecutor`, ``torch.get_num_threads() // workers``
+    threads each, ``worker_init`` called in each), started before the timing like the
+    imports of this process (the start-up is reported as ``ours.workers_start_seconds``);
+    the peer always runs in this process with ``torch.get_num_threads()`` threads.
 
     ``verbose`` prints each side's progress (per component for ours; the peer's own
     progress bars go to ``out/peer_stderr.log``).
@@ -567,11 +631,20 @@ def run_benchmark(
 
     order = ["peer", "ours"] if peer_first else ["ours", "peer"]
     raw: dict[str, Any] = {}
+    pool, pool_start = None, 0.0
+    if workers > 1:
+        threads = max(1, torch.get_num_threads() // workers)
+        pool = ProcessExecutor(workers, threads_per_worker=threads, initializer=worker_init)
+        pool_start = pool.start()
     for name in order:
         if name == "peer" and skip_peer:
             continue
         if name == "ours":
-            raw["ours"] = run_ours(problem, cfg, verbose)
+            try:
+                raw["ours"] = run_ours(problem, cfg, verbose, pool)
+            finally:
+                if pool is not None:
+                    pool.shutdown()
         else:
             if verbose:
                 print("  devinterp: running (progress in peer_stderr.log)", flush=True)
@@ -591,6 +664,7 @@ def run_benchmark(
         "chain_steps_per_side": chain_steps,
         "order": order if not skip_peer else ["ours"],
         "threads": torch.get_num_threads(),
+        "our_workers": workers,
         "cpu_count": os.cpu_count(),
         "loadavg_before": load_before,
         "matmul_peak_flop_per_s": peak,
@@ -603,6 +677,7 @@ def run_benchmark(
             **side(ours["seconds"]),
             "seconds_per_component": ours["seconds_per_component"],
             "seconds_estimate": ours["seconds_estimate"],
+            "workers_start_seconds": pool_start,
         },
     }
     if "peer" in raw:
@@ -664,6 +739,14 @@ def _print(results: dict[str, Any]) -> None:
         )
 
 
+def _worker_setup(keep_memory: bool) -> None:
+    """A worker's start: the imports this process did before timing, the allocator."""
+    import transformer_lens  # noqa: F401  (the model's module: unpickling it imports it)
+
+    if keep_memory:
+        keep_freed_memory()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -685,11 +768,17 @@ def main(argv: list[str] | None = None) -> None:
         help="leave glibc malloc's defaults (by default both sides run after "
         "bayes_susc.allocator.keep_freed_memory(): the process setting the CLI uses)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="our side's worker processes (ProcessExecutor), each with threads // workers "
+        "torch threads; the peer runs in this process with --threads (default 1: in-process)",
+    )
     parser.add_argument("--skip-peer", action="store_true", help="time bayes_susc only")
     parser.add_argument("--peer-first", action="store_true", help="run devinterp first")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     # Process-wide, so it holds for both sides alike.
     allocator = "glibc default" if args.default_allocator else "keep_freed_memory"
     if not args.default_allocator and not keep_freed_memory():
@@ -703,8 +792,16 @@ def main(argv: list[str] | None = None) -> None:
                 "devinterp is not installed: pip install -c constraints.txt -e '.[bench]' "
                 "(or pass --skip-peer)"
             )
+    if args.workers < 1 or args.threads < 1:
+        parser.error(f"--workers and --threads must be >= 1, got {args.workers}, {args.threads}")
     results = run_benchmark(
-        cfg, args.out, skip_peer=args.skip_peer, peer_first=args.peer_first, verbose=True
+        cfg,
+        args.out,
+        skip_peer=args.skip_peer,
+        peer_first=args.peer_first,
+        verbose=True,
+        workers=args.workers,
+        worker_init=functools.partial(_worker_setup, not args.default_allocator),
     )
     results["quick"] = args.quick
     results["allocator"] = allocator

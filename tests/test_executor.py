@@ -17,7 +17,9 @@ Measured on CPU (float32), and asserted:
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import pickle
 import time
 import tomllib
 import warnings
@@ -33,6 +35,7 @@ from bayes_susc import Component, DivergenceWarning, LocalPosterior, get_group, 
 from bayes_susc.executor import (
     LocalExecutor,
     Problem,
+    ProcessExecutor,
     RayExecutor,
     concat_chains,
     iter_components,
@@ -325,7 +328,7 @@ def test_plan_and_local_executor_are_lazy_and_ordered():
     assert name == "weight" and get_group(data, "posterior").sizes["chain"] == 4
 
 
-# --------------------------------------------------------------------------------- Ray
+# ------------------------------------------------------------ jobs for worker processes
 def _worker_pid(shared: float, job: int) -> tuple[int, int]:
     time.sleep(shared)  # long enough that both workers get a job
     return job, os.getpid()
@@ -333,6 +336,78 @@ def _worker_pid(shared: float, job: int) -> tuple[int, int]:
 
 def _fail(shared, job):
     raise ValueError(f"job {job} failed on purpose")
+
+
+def _worker_state(shared: list, job: int) -> tuple[int, int, int]:
+    """(job, torch threads, id of the shared object) in the worker that ran it."""
+    time.sleep(0.3)
+    return job, torch.get_num_threads(), id(shared)
+
+
+# ---------------------------------------------------------------- local worker processes
+@pytest.fixture(scope="module")
+def process_pool():
+    """Two single-threaded worker processes, started once for this module's tests."""
+    with ProcessExecutor(2, threads_per_worker=1) as ex:
+        ex.start()
+        yield ex
+
+
+def test_processes_run_in_two_workers_in_job_order_and_raise_job_errors(process_pool):
+    assert len(multiprocessing.active_children()) >= 2  # start() started both
+    out = list(process_pool.map(_worker_pid, 0.5, [0, 1, 2, 3]))
+    assert [job for job, _ in out] == [0, 1, 2, 3]  # job order, whatever finished first
+    assert len({pid for _, pid in out}) == 2
+    assert os.getpid() not in {pid for _, pid in out}
+    # Each worker unpickles a call's shared object once: all its jobs see one copy.
+    state = list(process_pool.map(_worker_state, [1.0] * 1000, range(6)))
+    assert {threads for _, threads, _ in state} == {1}
+    assert len({ident for _, _, ident in state}) <= 2
+    with pytest.raises(ValueError, match="job 1 failed on purpose"):
+        list(process_pool.map(_fail, None, [1]))
+    assert list(process_pool.map(_worker_pid, 0.0, [7]))[0][0] == 7  # the pool survives
+
+
+@pytest.mark.parametrize("ship", ["factory", "problem"])
+def test_processes_give_the_numbers_of_the_local_run(process_pool, ship):
+    """2 components x 4 chains in groups of 2 on 2 worker processes == one sample() call
+    per component, bit for bit (and the same attrs); heads of a transformer as well."""
+    problem = partial(linear_problem, 0) if ship == "factory" else linear_problem(0)
+    kw = dict(SETTINGS, kernel="sghmc")
+    got = sample_components(
+        problem, LINEAR_COMPONENTS, executor=process_pool, chains_per_job=2, **kw
+    )
+    want = single_runs(linear_problem(0), LINEAR_COMPONENTS, **kw)
+    assert list(got) == ["weight", "bias"]
+    for name in want:
+        assert_same_run(got[name], want[name])
+    heads = sample_components(transformer_problem(), HEADS, executor=process_pool, **SETTINGS)
+    for name, want_head in single_runs(transformer_problem(), HEADS, **SETTINGS).items():
+        assert_same_run(heads[name], want_head)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"workers": 0}, ValueError, "workers must be >= 1, got 0"),
+        ({"threads_per_worker": 0}, ValueError, "threads_per_worker must be >= 1, got 0"),
+        ({"initializer": 3}, TypeError, "initializer must be callable or None, got 3"),
+    ],
+)
+def test_process_executor_rejects_bad_settings(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ProcessExecutor(**kwargs)
+
+
+def test_process_executor_refuses_what_cannot_reach_a_worker():
+    ex = ProcessExecutor(1)
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError), match="pickle"):
+        ex.map(_worker_pid, lambda: None, [0])
+    assert ex._pool is None  # refused before any process started
+    assert isinstance(make_executor("processes"), ProcessExecutor)
+
+
+# --------------------------------------------------------------------------------- Ray
 
 
 @pytest.fixture(scope="module")
@@ -413,11 +488,20 @@ SMALL = {
 @pytest.mark.parametrize(
     ("run", "match"),
     [
-        ({"executor": "dask"}, r"\[run.executor\] must be 'local' or 'ray', got 'dask'"),
+        (
+            {"executor": "dask"},
+            r"\[run.executor\] must be 'local', 'processes' or 'ray', got 'dask'",
+        ),
         ({"chains_per_job": 3}, r"\[run.chains_per_job\] must be >= 1 and divide .* = 2, got 3"),
         ({"chains_per_job": 0}, r"\[run.chains_per_job\] must be >= 1"),
         ({"address": "auto"}, r"\[run.address\] applies only with executor = 'ray'"),
-        ({"workers": 2}, r"unknown key 'workers' in \[run\]"),
+        ({"workers": 2}, r"\[run.workers\] applies only with executor = 'processes'"),
+        ({"executor": "processes", "workers": 0}, r"\[run.workers\] must be >= 1, got 0"),
+        (
+            {"executor": "processes", "threads_per_worker": 0},
+            r"\[run.threads_per_worker\] must be >= 1, got 0",
+        ),
+        ({"nodes": 2}, r"unknown key 'nodes' in \[run\]"),
     ],
 )
 def test_run_config_rejects_bad_run_table(run, match):
@@ -461,3 +545,33 @@ def test_run_config_ray_executor_matches_local(tmp_path, ray_cluster, monkeypatc
         got = load(tmp_path / "ray" / "components" / f"{name}.nc")
         assert_same_run(got, same_jobs[name])
         assert_same_run(got, one_call[name], rtol=1e-5, atol=1e-6)
+
+
+def test_run_config_process_executor_matches_local(tmp_path):
+    """`[run] executor = "processes"` with 2 workers, one chain per job: the component
+    files hold the numbers of the same jobs run in this process, bit for bit. The
+    workers import the config's factories through its python_path."""
+    run = {"executor": "processes", "workers": 2, "chains_per_job": 1}
+    overrides = {**SMALL, "run": run}
+    summary = run_from_config(
+        EXAMPLES / "custom_factory.toml",
+        out=tmp_path / "proc",
+        progress=False,
+        overrides=overrides,
+    )
+    assert summary["computed_this_run"] == ["hidden", "readout"]
+    p = prepare(EXAMPLES / "custom_factory.toml", overrides=overrides)
+    ex = _executor(p.config["run"], p.python_path)
+    assert isinstance(ex, ProcessExecutor) and (ex.workers, ex.threads_per_worker) == (2, 1)
+    d, s = p.data, p.config["sampling"]
+    problem = Problem(
+        p.model, d["loss_fn"], d["train_data"], d["eval_data"], d["probe_data"], d["probe_coords"]
+    )
+    kw = dict(
+        nbeta=s["nbeta"],
+        gamma=s["gamma"],
+        **{k: s[k] for k in ("num_chains", "num_draws", "num_burnin", "seed", "step_size")},
+    )
+    same_jobs = sample_components(problem, p.components, chains_per_job=1, **kw)
+    for name in ("hidden", "readout"):
+        assert_same_run(load(tmp_path / "proc" / "components" / f"{name}.nc"), same_jobs[name])

@@ -191,11 +191,16 @@ def run_demo(
     settings: DemoSettings | None = None,
     progress: bool | None = None,
     report: bool = True,
+    workers: int = 1,
+    threads_per_worker: int = 1,
 ) -> dict:
     """Run (or resume) the demo into ``out``; returns a summary dict (also in ``summary.json``).
 
     With ``report`` (default) the run ends by writing ``out/report.html``
     (:func:`bayes_susc.report.write_report`); its path is ``summary["report"]``.
+    ``workers`` > 1 samples the heads side by side on that many worker processes with
+    ``threads_per_worker`` torch threads each (:class:`bayes_susc.executor.ProcessExecutor`;
+    same numbers as in this process); progress is then one bar over the heads.
     """
     import xarray as xr
 
@@ -237,31 +242,62 @@ def run_demo(
         if unknown:
             raise ValueError(f"heads {unknown} are not demo heads; choose from {sorted(by_name)}")
         components = [c for c in components if c.name in s.heads]  # keep the model's order
-    runs = {}
-    for component in components:
-        path = out / "components" / f"{component.name}.nc"
-        if path.exists():
-            data = load(path)
-        else:
-            posterior = LocalPosterior(
-                model, next_token_loss, train_batches, component, nbeta=s.nbeta, gamma=s.gamma
+
+    def path_of(name: str) -> Path:
+        return out / "components" / f"{name}.nc"
+
+    sample_kwargs = dict(
+        kernel="sgld",
+        step_size=s.step_size,
+        num_chains=s.num_chains,
+        num_draws=s.num_draws,
+        num_burnin=s.num_burnin,
+        seed=s.seed,
+    )
+    runs = {c.name: load(path_of(c.name)) for c in components if path_of(c.name).exists()}
+    todo = [c for c in components if c.name not in runs]
+    if todo and workers > 1:
+        from tqdm.auto import tqdm
+
+        from bayes_susc.executor import Problem, ProcessExecutor, iter_components
+
+        problem = Problem(model, next_token_loss, train_batches, eval_tokens, probe_tokens, coords)
+        with ProcessExecutor(workers, threads_per_worker=threads_per_worker) as executor:
+            results = iter_components(
+                problem,
+                todo,
+                executor=executor,
+                nbeta=s.nbeta,
+                gamma=s.gamma,
+                progress=False,
+                **sample_kwargs,
             )
-            data = sample(
-                posterior,
-                "sgld",
-                step_size=s.step_size,
-                eval_data=eval_tokens,
-                probe_data=probe_tokens,
-                probe_coords=coords,
-                num_chains=s.num_chains,
-                num_draws=s.num_draws,
-                num_burnin=s.num_burnin,
-                seed=s.seed,
-                progress=progress,
-            )
-            save(data, path)
+            show = None if progress is None else not progress  # None: only on a terminal
+            bar = tqdm(results, total=len(todo), desc="heads", unit="head", disable=show)
+            for name, data in bar:
+                save(data, path_of(name))  # each head as it comes: a killed run resumes
+                runs[name] = data
+    for component in todo:
+        if component.name in runs:
+            continue
+        posterior = LocalPosterior(
+            model, next_token_loss, train_batches, component, nbeta=s.nbeta, gamma=s.gamma
+        )
+        kwargs = dict(sample_kwargs)
+        data = sample(
+            posterior,
+            kwargs.pop("kernel"),
+            eval_data=eval_tokens,
+            probe_data=probe_tokens,
+            probe_coords=coords,
+            progress=progress,
+            **kwargs,
+        )
+        save(data, path_of(component.name))
         runs[component.name] = data
-        summary["components"][component.name] = component_summary(data)
+    runs = {c.name: runs[c.name] for c in components}  # the model's order
+    for name, data in runs.items():
+        summary["components"][name] = component_summary(data)
     summary["response_matrix"] = _response_matrix(runs, out, s.seed)
     summary["report"] = str(out / "report.html") if report else None
     atomic_write(

@@ -113,7 +113,8 @@ def _model():
 
 
 def _sample_groups(model, data, components, nbeta, step_size, quick, seed) -> tuple[dict, dict]:
-    """Sample each component; returns (runs, {name: {group: {chi, ci_low, ci_high}}})."""
+    """Sample each component; returns (runs, {name: {group: {chi, ci_low, ci_high}}, and
+    ``"mean_phi"``: the posterior mean of φ (nats)})."""
     from bayes_susc import LocalPosterior, sample
     from bayes_susc.models.attn_only import next_token_loss
     from bayes_susc.susceptibility import estimate
@@ -147,6 +148,7 @@ def _sample_groups(model, data, components, nbeta, step_size, quick, seed) -> tu
             str(g): {key: float(est[key].sel(probe=g)) for key in ("chi", "ci_low", "ci_high")}
             for g in groups
         }
+        chi[component.name]["mean_phi"] = float(np.nanmean(run.posterior["phi"].values))
     return runs, chi
 
 
@@ -226,6 +228,46 @@ def _joint_setting(model, quick: bool, seed: int) -> dict[str, Any]:
     return chi
 
 
+#: Heads split into circuits and resampled at a stronger localization: the two strongest
+#: induction heads, a layer-1 head without induction, a layer-0 head.
+PROBED_HEADS = ("L1H2", "L1H4", "L1H3", "L0H0")
+#: The circuits of a head: which of its parameter slices each frees.
+CIRCUITS = {"QK": ("W_Q", "W_K", "b_Q", "b_K"), "OV": ("W_V", "W_O", "b_V")}
+#: The stronger localization (10x the demo's γ; εγ = 3 stays below SGLD's limit of 4).
+STRONG_GAMMA = 3000.0
+
+
+def circuit_components(heads: tuple[str, ...]) -> list:
+    """The QK and OV circuits of each named head ``L{l}H{h}`` as components ``L{l}H{h}.QK``
+    (its slices of W_Q, W_K, b_Q, b_K) and ``L{l}H{h}.OV`` (W_V, W_O, b_V): together
+    exactly the head's component of :func:`~bayes_susc.models.attn_only.head_components`."""
+    from bayes_susc import Component
+
+    out = []
+    for name in heads:
+        layer, head = (int(x) for x in name[1:].split("H"))
+        prefix = f"blocks.{layer}.attn."
+        for circuit, params in CIRCUITS.items():
+            out.append(Component(f"{name}.{circuit}", {prefix + q: (head,) for q in params}))
+    return out
+
+
+def _circuit_settings(model, quick: bool, seed: int) -> dict[str, Any]:
+    """The demo's defaults with each probed head split into its QK and OV circuits, and
+    the whole probed heads at γ = :data:`STRONG_GAMMA`."""
+    import dataclasses
+
+    from bayes_susc.models.attn_only import head_components
+
+    heads = PROBED_HEADS[:1] if quick else PROBED_HEADS
+    data = _data("natural", 4 if quick else 16, 4 if quick else 16, seed)
+    _, circuits = _sample_groups(model, data, circuit_components(heads), 30.0, 1e-3, quick, seed)
+    data["settings"] = dataclasses.replace(data["settings"], gamma=STRONG_GAMMA)
+    whole = [c for c in head_components(model) if c.name in heads]
+    _, strong = _sample_groups(model, data, whole, 30.0, 1e-3, quick, seed)
+    return {"circuits": circuits, "strong_gamma": strong}
+
+
 def run_study(quick: bool, seed: int) -> dict[str, Any]:
     """Every setting of the module docstring; quick: 4 heads, fewer probes and draws."""
     torch.set_num_threads(1)
@@ -241,6 +283,7 @@ def run_study(quick: bool, seed: int) -> dict[str, Any]:
             _setting(model, induction, heads, nb, eps, pd, quick, seed) for nb, eps, pd in settings
         ],
         "joint": _joint_setting(model, quick, seed),
+        **_circuit_settings(model, quick, seed),
     }
 
 
@@ -278,6 +321,35 @@ def _contrast_summary(heads: dict[str, Any]) -> str:
         d = [1e3 * _contrast(h) for name, h in heads.items() if name.startswith(layer)]
         parts.append(f"layer {layer[1:]} heads {min(d):+.2f} to {max(d):+.2f}")
     return "χ(second copy) − χ(first copy) ×1e3: " + "; ".join(parts) + "."
+
+
+def _group_table(runs: dict[str, Any], label: str) -> str:
+    """Data-set χ per component (×1e3) and the posterior mean of φ where recorded."""
+    rows = [
+        [
+            name,
+            g.get("mean_phi", float("nan")),
+            1e3 * g["natural"]["chi"],
+            1e3 * g["repeat, first copy"]["chi"],
+            1e3 * g["repeat, second copy"]["chi"],
+            f"[{1e3 * g['repeat, second copy']['ci_low']:.2f}, "
+            f"{1e3 * g['repeat, second copy']['ci_high']:.2f}]",
+            1e3 * _contrast(g),
+        ]
+        for name, g in runs.items()
+    ]
+    return md_table(
+        [
+            label,
+            "mean φ (nats)",
+            "χ natural ×1e3",
+            "χ first copy ×1e3",
+            "χ second copy ×1e3",
+            "95 % CI second ×1e3",
+            "second − first ×1e3",
+        ],
+        rows,
+    )
 
 
 def report(results: dict[str, Any]) -> str:
@@ -320,32 +392,22 @@ def report(results: dict[str, Any]) -> str:
         lines += ["", "Best PCA margin over PCs 1-3 (positive = the top heads separated):", ""]
         lines.append(md_table(["top heads, rows", "margin"], list(s["best_pca_margin"].items())))
         lines.append("")
-    joint = results.get("joint", {})
-    if joint:
-        lines += ["## Layer-1 heads sampled jointly (nβ = 30, ε = 0.001, natural data)", ""]
-        rows = [
-            [
-                name,
-                1e3 * g["natural"]["chi"],
-                1e3 * g["repeat, first copy"]["chi"],
-                1e3 * g["repeat, second copy"]["chi"],
-                1e3 * _contrast(g),
-            ]
-            for name, g in joint.items()
-        ]
-        lines.append(
-            md_table(
-                [
-                    "heads",
-                    "χ natural ×1e3",
-                    "χ first copy ×1e3",
-                    "χ second copy ×1e3",
-                    "second − first ×1e3",
-                ],
-                rows,
-            )
-        )
-        lines.append("")
+    sections = [
+        ("joint", "Layer-1 heads sampled jointly (nβ = 30, ε = 0.001, natural data)", "heads"),
+        (
+            "circuits",
+            "Heads split into their QK and OV circuits (nβ = 30, γ = 300, ε = 0.001, natural data)",
+            "circuit",
+        ),
+        (
+            "strong_gamma",
+            f"Whole heads at γ = {STRONG_GAMMA:g} (nβ = 30, ε = 0.001, natural data)",
+            "head",
+        ),
+    ]
+    for key, title, label in sections:
+        if results.get(key):
+            lines += [f"## {title}", "", _group_table(results[key], label), ""]
     lines.append("![contrast](induction_contrast.png)")
     return "\n".join(lines) + "\n"
 

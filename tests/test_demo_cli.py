@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 import xarray as xr
 from typer.testing import CliRunner
 
@@ -108,3 +109,40 @@ def test_killed_demo_resumes_to_the_uninterrupted_result(tmp_path):
         return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
 
     assert names(killed) == names(reference)
+
+
+def test_demo_on_two_worker_processes_equals_the_in_process_run(tmp_path):
+    """`--workers 2`: the heads run side by side on worker processes (one thread each)
+    and give the in-process single-threaded run's results, bit for bit."""
+    from bayes_susc.demo import DemoSettings, run_demo
+
+    workers_dir, local_dir = tmp_path / "workers", tmp_path / "local"
+    result = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            "--out",
+            str(workers_dir),
+            "--quick",
+            "--no-progress",
+            "--workers",
+            "2",
+            "--threads",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each worker ran with
+    try:
+        run_demo(local_dir, DemoSettings.quick(), progress=False, report=False)
+    finally:
+        torch.set_num_threads(threads)
+    for head in ("L0H0", "L0H1", "L1H0", "L1H1"):
+        a = get_group(load(workers_dir / "components" / f"{head}.nc"), "posterior")
+        b = get_group(load(local_dir / "components" / f"{head}.nc"), "posterior")
+        xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+    a = load_response_matrix(workers_dir / "response_matrix.nc")
+    b = load_response_matrix(local_dir / "response_matrix.nc")
+    for name in ("chi", "ci_low", "ci_high", "status"):
+        xr.testing.assert_equal(a[name], b[name])

@@ -56,6 +56,8 @@ def test_quick_study_writes_a_report(tmp_path):
                 entry = head[group]
                 assert entry["ci_low"] <= entry["chi"] <= entry["ci_high"]
     assert set(results["joint"]) == {"L1H2+L1H4"}
+    assert set(results["circuits"]) == {"L1H2.QK", "L1H2.OV"}
+    assert set(results["strong_gamma"]) == {"L1H2"}
 
 
 def test_joint_component_is_the_union_of_its_heads():
@@ -70,3 +72,26 @@ def test_joint_component_is_the_union_of_its_heads():
     for k in range(len(joint.param_names)):
         union = torch.cat([by_name["L1H2"].flat_indices[k], by_name["L1H4"].flat_indices[k]])
         assert torch.equal(joint.flat_indices[k], torch.sort(union).values)
+
+
+def test_circuits_partition_their_head():
+    """QK and OV of a head are disjoint and together free exactly the head's entries."""
+    from bayes_susc.models.attn_only import AttnOnlyTransformer, head_components
+    from bayes_susc.models.train_demo import demo_config
+
+    model = AttnOnlyTransformer(demo_config(), generator=0)
+    heads = {c.name: c.resolve(model) for c in head_components(model)}
+    for name in study.PROBED_HEADS:
+        qk, ov = (c.resolve(model) for c in study.circuit_components((name,)))
+        assert qk.dim + ov.dim == heads[name].dim
+        assert not set(qk.param_names) & set(ov.param_names)
+        entries = {
+            (p, int(i))
+            for part in (qk, ov)
+            for p, idx in zip(part.param_names, part.flat_indices)
+            for i in idx
+        }
+        whole = heads[name]
+        assert entries == {
+            (p, int(i)) for p, idx in zip(whole.param_names, whole.flat_indices) for i in idx
+        }

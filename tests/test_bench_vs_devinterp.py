@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
 
-pytestmark = pytest.mark.skipif(
+needs_peer = pytest.mark.skipif(
     importlib.util.find_spec("devinterp") is None
     or importlib.util.find_spec("transformer_lens") is None,
     reason="needs the benchmark extra: pip install -c constraints.txt -e '.[bench]' "
@@ -29,10 +29,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_renormalized_chi_agrees_with_devinterp(tmp_path):
-    from benchmarks.vs_devinterp import FULL, run_benchmark
+def tiny_config():
+    from benchmarks.vs_devinterp import FULL
 
-    cfg = dataclasses.replace(
+    return dataclasses.replace(
         FULL,
         n_layers=1,
         n_heads=2,
@@ -48,7 +48,13 @@ def test_renormalized_chi_agrees_with_devinterp(tmp_path):
         step_size=5e-3,
         heads=("L0H1",),
     )
-    results = run_benchmark(cfg, tmp_path)  # one thread: tests/conftest.py
+
+
+@needs_peer
+def test_renormalized_chi_agrees_with_devinterp(tmp_path):
+    from benchmarks.vs_devinterp import run_benchmark
+
+    results = run_benchmark(tiny_config(), tmp_path)  # one thread: tests/conftest.py
     json.dumps(results)  # what the script writes must be JSON
     agree = results["agreement"]
     assert agree["entries"] == 8 * 31
@@ -57,3 +63,22 @@ def test_renormalized_chi_agrees_with_devinterp(tmp_path):
     assert agree["pearson_r"] > 0.9
     assert agree["fraction_within_combined_95"] > 0.8
     assert results["speedup"] > 0
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformer_lens") is None, reason="needs TransformerLens 3.x"
+)
+def test_our_side_on_two_workers_gives_the_in_process_matrix(tmp_path):
+    """`--workers 2`: the same response matrix as our in-process side, bit for bit."""
+    import xarray as xr
+
+    from bayes_susc.executor import ProcessExecutor
+    from benchmarks.vs_devinterp import make_problem, run_ours
+
+    cfg = dataclasses.replace(tiny_config(), num_draws=20, heads=("L0H0", "L0H1"))
+    problem = make_problem(cfg, tmp_path)
+    local = run_ours(problem, cfg)
+    with ProcessExecutor(2, threads_per_worker=1) as pool:
+        remote = run_ours(problem, cfg, executor=pool)
+    assert list(remote["seconds_per_component"]) == ["full", "L0H0", "L0H1"]
+    xr.testing.assert_identical(remote["matrix"], local["matrix"])

@@ -71,7 +71,7 @@ progress bars go to ``DIR/peer_stderr.log``.
 
     pip install -c constraints.txt -e ".[bench]"
     python -m benchmarks.vs_devinterp [--quick] [--out DIR] [--threads N] [--workers W]
-                                      [--skip-peer]
+                                      [--device cpu|cuda] [--skip-peer]
 """
 
 from __future__ import annotations
@@ -229,8 +229,9 @@ def make_model(cfg: BenchConfig) -> torch.nn.Module:
         return HookedTransformer(tl_cfg)
 
 
-def make_problem(cfg: BenchConfig, cache_dir: Path | None) -> Problem:
-    """Corpus, split and trained model; weights cached as ``cache_dir/model.pt``."""
+def make_problem(cfg: BenchConfig, cache_dir: Path | None, device: str = "cpu") -> Problem:
+    """Corpus, split and trained model (trained on the CPU, then moved with the tokens to
+    ``device``); weights cached as ``cache_dir/model.pt``."""
     n_train = cfg.num_train_batches * cfg.batch_size
     tokens, kinds = mixed_corpus(n_train + cfg.num_probe, cfg.seq_len, seed=cfg.train_seed)
     train_tokens, probe_tokens = tokens[:n_train], tokens[n_train:]
@@ -259,7 +260,9 @@ def make_problem(cfg: BenchConfig, cache_dir: Path | None) -> Problem:
     if cfg.heads:
         by_name = {c.name: c for c in heads}
         heads = [by_name[h] for h in cfg.heads]
-    batches = list(train_tokens.split(cfg.batch_size))
+    model.to(device)
+    batches = [b.to(device) for b in train_tokens.split(cfg.batch_size)]
+    probe_tokens = probe_tokens.to(device)
     return Problem(model, batches, batches[0], probe_tokens, kinds[n_train:], heads, losses)
 
 
@@ -283,14 +286,23 @@ def work_per_chain_step(cfg: BenchConfig) -> dict[str, float]:
     }
 
 
-def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
-    """Measured float32 matmul throughput (FLOP/s): best of ``repeats`` n×n×n products."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)  # warm-up (thread pool, allocator)
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(n: int = 1024, repeats: int = 10, device: str = "cpu") -> float:
+    """Measured float32 matmul throughput (FLOP/s) on ``device``: best of ``repeats``
+    n×n×n products (n = 4096 suits a GPU)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.matmul(a, b)  # warm-up (thread pool, allocator, CUDA context)
+    synchronize(device)
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
         torch.matmul(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2.0 * n**3 / best
 
@@ -384,6 +396,7 @@ def run_ours(
                 per_component[name] = time.perf_counter() - start
                 if verbose:
                     print(f"  bayes_susc {name}: done at {per_component[name]:.1f} s", flush=True)
+    synchronize(problem.eval_tokens.device)
     full = runs.pop("full")
     t0 = time.perf_counter()
     matrix = build_response_matrix(runs, renormalized_from=full)
@@ -408,7 +421,7 @@ def head_masks(component: Component, model: torch.nn.Module) -> dict[str, torch.
     params = dict(model.named_parameters())
     masks = {}
     for name, idx in zip(resolved.param_names, resolved.flat_indices):
-        mask = torch.zeros(params[name].numel(), dtype=torch.bool)
+        mask = torch.zeros(params[name].numel(), dtype=torch.bool, device=params[name].device)
         mask[idx] = True
         masks[name] = mask.reshape(params[name].shape)
     return masks
@@ -434,10 +447,10 @@ def run_peer(problem: Problem, cfg: BenchConfig, workdir: Path) -> dict[str, Any
         shutil.rmtree(workdir)  # the peer returns cached results when a store exists
     workdir.mkdir(parents=True)
     model = problem.model
-    train_set = _hf_dataset(torch.cat(problem.train_batches))
+    train_set = _hf_dataset(torch.cat(problem.train_batches).cpu())
     observables = {
-        "eval": (_hf_dataset(problem.eval_tokens), 1),
-        "probe": (_hf_dataset(problem.probe_tokens), 1),
+        "eval": (_hf_dataset(problem.eval_tokens.cpu()), 1),
+        "probe": (_hf_dataset(problem.probe_tokens.cpu()), 1),
     }
     restrictions: dict[str, Any] = {"full": None}
     restrictions.update({c.name: head_masks(c, model) for c in problem.components})
@@ -463,9 +476,10 @@ def run_peer(problem: Problem, cfg: BenchConfig, workdir: Path) -> dict[str, Any
             num_init_loss_batches=1,
             shuffle=False,
             init_seed=cfg.seed,
-            device="cpu",
+            device=str(problem.eval_tokens.device),
             output_path=store,
         )
+    synchronize(problem.eval_tokens.device)
     seconds = time.perf_counter() - start
     log.close()
     return {"seconds": seconds, "output": output, "store": store}
@@ -597,8 +611,12 @@ def run_benchmark(
     verbose: bool = False,
     workers: int = 1,
     worker_init: Callable[[], Any] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Build the problem, run both sides, compare; returns the results dict (JSON-able).
+
+    ``device``: where both sides sample (``"cpu"``, ``"cuda"``, ...): the model and every
+    token tensor live there; the matmul peak is measured there.
 
     ``workers`` > 1: our side runs its components on that many worker processes
     (:class:`~bayes_susc.executor.ProcessExecutor`, ``torch.get_num_threads() // workers``
@@ -611,11 +629,11 @@ def run_benchmark(
     """
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    problem = make_problem(cfg, out)
+    problem = make_problem(cfg, out, device)
     # Untimed warm-up shared by both sides: thread pool, allocator, TL's first call.
     next_token_loss(problem.model, problem.eval_tokens).mean().backward()
     problem.model.zero_grad(set_to_none=True)
-    peak = matmul_peak()
+    peak = matmul_peak(4096 if torch.device(device).type == "cuda" else 1024, device=device)
     components = len(problem.components) + 1  # + the unrestricted run
     chain_steps = components * cfg.num_chains * cfg.num_steps
     work = work_per_chain_step(cfg)
@@ -665,6 +683,12 @@ def run_benchmark(
         "order": order if not skip_peer else ["ours"],
         "threads": torch.get_num_threads(),
         "our_workers": workers,
+        "device": str(device),
+        "device_name": (
+            torch.cuda.get_device_name(device)
+            if torch.device(device).type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
         "cpu_count": os.cpu_count(),
         "loadavg_before": load_before,
         "matmul_peak_flop_per_s": peak,
@@ -710,7 +734,8 @@ def _print(results: dict[str, Any]) -> None:
         f"components: {len(results['components']) - 1} heads + full; {cfg['num_chains']} chains "
         f"x {cfg['num_draws']} draws ({cfg['steps_per_draw']} step/draw), batch "
         f"{cfg['batch_size']} x {cfg['seq_len']} tokens; eps {cfg['step_size']}, nbeta "
-        f"{cfg['nbeta']}, gamma {cfg['gamma']}; {results['threads']} threads, load "
+        f"{cfg['nbeta']}, gamma {cfg['gamma']}; {results['device_name']} ({results['device']}), "
+        f"{results['threads']} threads, {results['our_workers']} worker(s) on our side, load "
         f"{results['loadavg_before'][0]:.2f} before / {results['loadavg_after'][0]:.2f} after"
     )
     work = results["work_per_chain_step"]
@@ -775,6 +800,11 @@ def main(argv: list[str] | None = None) -> None:
         help="our side's worker processes (ProcessExecutor), each with threads // workers "
         "torch threads; the peer runs in this process with --threads (default 1: in-process)",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where both sides sample: cpu (default), cuda, cuda:1, ...",
+    )
     parser.add_argument("--skip-peer", action="store_true", help="time bayes_susc only")
     parser.add_argument("--peer-first", action="store_true", help="run devinterp first")
     args = parser.parse_args(argv)
@@ -794,6 +824,12 @@ def main(argv: list[str] | None = None) -> None:
             )
     if args.workers < 1 or args.threads < 1:
         parser.error(f"--workers and --threads must be >= 1, got {args.workers}, {args.threads}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch build sees no CUDA device")
     results = run_benchmark(
         cfg,
         args.out,
@@ -802,6 +838,7 @@ def main(argv: list[str] | None = None) -> None:
         verbose=True,
         workers=args.workers,
         worker_init=functools.partial(_worker_setup, not args.default_allocator),
+        device=args.device,
     )
     results["quick"] = args.quick
     results["allocator"] = allocator

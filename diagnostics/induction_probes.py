@@ -324,32 +324,38 @@ def _contrast_summary(heads: dict[str, Any]) -> str:
 
 
 def _group_table(runs: dict[str, Any], label: str) -> str:
-    """Data-set χ per component (×1e3) and the posterior mean of φ where recorded."""
-    rows = [
-        [
-            name,
-            g.get("mean_phi", float("nan")),
-            1e3 * g["natural"]["chi"],
-            1e3 * g["repeat, first copy"]["chi"],
-            1e3 * g["repeat, second copy"]["chi"],
-            f"[{1e3 * g['repeat, second copy']['ci_low']:.2f}, "
-            f"{1e3 * g['repeat, second copy']['ci_high']:.2f}]",
-            1e3 * _contrast(g),
-        ]
-        for name, g in runs.items()
-    ]
-    return md_table(
-        [
-            label,
+    """Data-set χ per component (×1e3), with its induction score and the posterior mean
+    of φ where the results hold them."""
+    first = next(iter(runs.values()))
+    scored = "induction_score" in first
+    rows = []
+    for name, g in runs.items():
+        second = g["repeat, second copy"]
+        rows.append(
+            [name]
+            + ([g["induction_score"]] if scored else [])
+            + [
+                g.get("mean_phi", float("nan")),
+                1e3 * g["natural"]["chi"],
+                1e3 * g["repeat, first copy"]["chi"],
+                1e3 * second["chi"],
+                f"[{1e3 * second['ci_low']:.2f}, {1e3 * second['ci_high']:.2f}]",
+                1e3 * _contrast(g),
+            ]
+        )
+    header = (
+        [label]
+        + (["induction score"] if scored else [])
+        + [
             "mean φ (nats)",
             "χ natural ×1e3",
             "χ first copy ×1e3",
             "χ second copy ×1e3",
             "95 % CI second ×1e3",
             "second − first ×1e3",
-        ],
-        rows,
+        ]
     )
+    return md_table(header, rows)
 
 
 def report(results: dict[str, Any]) -> str:
@@ -360,34 +366,7 @@ def report(results: dict[str, Any]) -> str:
             f"posterior on {s['posterior_data']} data",
             "",
         ]
-        rows = []
-        for name, h in s["heads"].items():
-            first, second = h["repeat, first copy"], h["repeat, second copy"]
-            rows.append(
-                [
-                    name,
-                    h["induction_score"],
-                    1e3 * h["natural"]["chi"],
-                    1e3 * first["chi"],
-                    1e3 * second["chi"],
-                    f"[{1e3 * second['ci_low']:.2f}, {1e3 * second['ci_high']:.2f}]",
-                    1e3 * _contrast(h),
-                ]
-            )
-        lines.append(
-            md_table(
-                [
-                    "head",
-                    "induction score",
-                    "χ natural ×1e3",
-                    "χ first copy ×1e3",
-                    "χ second copy ×1e3",
-                    "95 % CI second ×1e3",
-                    "second − first ×1e3",
-                ],
-                rows,
-            )
-        )
+        lines.append(_group_table(s["heads"], "head"))
         lines += ["", _contrast_summary(s["heads"])]
         lines += ["", "Best PCA margin over PCs 1-3 (positive = the top heads separated):", ""]
         lines.append(md_table(["top heads, rows", "margin"], list(s["best_pca_margin"].items())))

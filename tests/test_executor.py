@@ -509,6 +509,21 @@ def test_run_config_rejects_bad_run_table(run, match):
         prepare(EXAMPLES / "custom_factory.toml", overrides={**SMALL, "run": run})
 
 
+def _config_problem(p) -> tuple[Problem, dict]:
+    """A prepared config's Problem and sample_components keywords, for runs in this
+    process to compare a run folder with."""
+    d, s = p.data, p.config["sampling"]
+    problem = Problem(
+        p.model, d["loss_fn"], d["train_data"], d["eval_data"], d["probe_data"], d["probe_coords"]
+    )
+    kw = dict(
+        nbeta=s["nbeta"],
+        gamma=s["gamma"],
+        **{k: s[k] for k in ("num_chains", "num_draws", "num_burnin", "seed", "step_size")},
+    )
+    return problem, kw
+
+
 def test_run_config_ray_executor_matches_local(tmp_path, ray_cluster, monkeypatch):
     """`[run] executor = "ray"`, one chain per job: the component files hold the numbers
     of the same jobs run locally (bit for bit), and of one plain sample() call per
@@ -530,15 +545,7 @@ def test_run_config_ray_executor_matches_local(tmp_path, ray_cluster, monkeypatc
     ex = _executor(p.config["run"], p.python_path)
     assert isinstance(ex, RayExecutor) and ex.address is None
     assert ex.runtime_env == {"env_vars": {"PYTHONPATH": str(EXAMPLES.resolve())}}
-    d, s = p.data, p.config["sampling"]
-    problem = Problem(
-        p.model, d["loss_fn"], d["train_data"], d["eval_data"], d["probe_data"], d["probe_coords"]
-    )
-    kw = dict(
-        nbeta=s["nbeta"],
-        gamma=s["gamma"],
-        **{k: s[k] for k in ("num_chains", "num_draws", "num_burnin", "seed", "step_size")},
-    )
+    problem, kw = _config_problem(p)
     same_jobs = sample_components(problem, p.components, chains_per_job=1, **kw)
     one_call = sample_components(problem, p.components, **kw)
     for name in ("hidden", "readout"):
@@ -563,15 +570,7 @@ def test_run_config_process_executor_matches_local(tmp_path):
     p = prepare(EXAMPLES / "custom_factory.toml", overrides=overrides)
     ex = _executor(p.config["run"], p.python_path)
     assert isinstance(ex, ProcessExecutor) and (ex.workers, ex.threads_per_worker) == (2, 1)
-    d, s = p.data, p.config["sampling"]
-    problem = Problem(
-        p.model, d["loss_fn"], d["train_data"], d["eval_data"], d["probe_data"], d["probe_coords"]
-    )
-    kw = dict(
-        nbeta=s["nbeta"],
-        gamma=s["gamma"],
-        **{k: s[k] for k in ("num_chains", "num_draws", "num_burnin", "seed", "step_size")},
-    )
+    problem, kw = _config_problem(p)
     same_jobs = sample_components(problem, p.components, chains_per_job=1, **kw)
     for name in ("hidden", "readout"):
         assert_same_run(load(tmp_path / "proc" / "components" / f"{name}.nc"), same_jobs[name])

@@ -349,17 +349,24 @@ class ProcessExecutor:
             for future in futures:  # abandoned or failed: drop the jobs not yet started
                 future.cancel()
 
-    def shutdown(self) -> None:
-        """Stop the worker processes (jobs not yet started are cancelled)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def shutdown(self, *, terminate: bool = False) -> None:
+        """Stop the worker processes: jobs not yet started are cancelled; running ones
+        finish first, or with ``terminate`` are killed at once (what leaving a ``with``
+        block on an exception, such as Ctrl-C, does: their results would be lost anyway)."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        if terminate:
+            # concurrent.futures (before Python 3.14) cannot stop a running job itself.
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> ProcessExecutor:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.shutdown()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.shutdown(terminate=exc_type is not None)
 
     def __repr__(self) -> str:
         return (

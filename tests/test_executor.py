@@ -399,6 +399,19 @@ def test_process_executor_rejects_bad_settings(kwargs, error, match):
         ProcessExecutor(**kwargs)
 
 
+def test_leaving_the_block_on_an_error_stops_running_jobs_at_once():
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        with ProcessExecutor(1) as ex:
+            results = ex.map(_worker_pid, 60.0, [0, 1])  # a minute each
+            time.sleep(0.5)
+            raise KeyboardInterrupt  # as Ctrl-C would, while job 0 runs
+    assert time.perf_counter() - start < 30  # not after the running job's minute
+    assert ex._pool is None
+    with pytest.raises(Exception):  # noqa: B017  (cancelled or broken: never a result)
+        next(results)
+
+
 def test_process_executor_refuses_what_cannot_reach_a_worker():
     ex = ProcessExecutor(1)
     with pytest.raises((AttributeError, TypeError, pickle.PicklingError), match="pickle"):

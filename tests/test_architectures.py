@@ -206,6 +206,17 @@ GQA = [k for k, f in FAMILIES.items() if f.n_kv < N_HEADS]
 _BUILT: dict[str, nn.Module] = {}
 
 
+def _float64(model: nn.Module) -> nn.Module:
+    """The model in float64, eval mode. TransformerLens also keeps a dtype in its config
+    and rounds attention patterns to it: set it too, or its forward stays float32-exact
+    only (1e-7) and the head splits, exact in float64, fall back to the plain path."""
+    model = model.double().eval()
+    cfg = getattr(model, "cfg", None)
+    if isinstance(getattr(cfg, "dtype", None), torch.dtype):
+        cfg.dtype = torch.float64
+    return model
+
+
 @pytest.fixture(params=list(FAMILIES), scope="module")
 def family(request) -> tuple[str, Family, nn.Module]:
     name = request.param
@@ -213,7 +224,7 @@ def family(request) -> tuple[str, Family, nn.Module]:
     if fam.package is not None:
         pytest.importorskip(fam.package)
     if name not in _BUILT:
-        _BUILT[name] = fam.build().double().eval()
+        _BUILT[name] = _float64(fam.build())
     return name, fam, _BUILT[name]
 
 
@@ -300,7 +311,7 @@ def test_shared_kv_gradient_vanishes_only_when_the_whole_group_is_cut(name, toke
     fam = FAMILIES[name]
     if fam.package is not None:
         pytest.importorskip(fam.package)
-    model = _BUILT.get(name) or _BUILT.setdefault(name, fam.build().double().eval())
+    model = _BUILT.get(name) or _BUILT.setdefault(name, _float64(fam.build()))
     group = N_HEADS // fam.n_kv
     kv = _by_name(kv_heads(model))
     assert sorted(kv) == sorted(f"L{l}KV{g}" for l in range(N_LAYERS) for g in range(fam.n_kv))

@@ -21,8 +21,11 @@ posterior) and the data the posterior and φ are built on: ``natural`` (the demo
 windows) or ``training`` (the model's own training distribution, a quarter of each batch a
 repeated random block, :func:`bayes_susc.models.train_demo.training_batch`). An induction
 head that *expresses* induction tokens would show χ(second copy) well below χ(first copy).
-A last setting samples groups of layer-1 heads jointly (:data:`JOINT_HEADS`), in case the
-induction work is shared among them.
+Further settings sample groups of layer-1 heads jointly (:data:`JOINT_HEADS`), in case the
+induction work is shared among them; split :data:`PROBED_HEADS` into their QK circuit
+(W_Q, W_K, b_Q, b_K) and OV circuit (W_V, W_O, b_V), to see which part of a head the
+posterior moves and which part carries the contrast; and sample those heads whole at
+γ = :data:`STRONG_GAMMA`, a ten times stronger localization.
 
 Measured (2026-12-02, ``diagnostics/reports/induction_probes``: 16 heads, 16 natural and 16
 repeated windows, then the joint runs; 18 min on one core). In every setting all eight
@@ -38,6 +41,16 @@ one component (two, all five, the whole layer) gives contrasts of +0.03, −0.18
 the top 2-4 induction heads (best −0.04); at nβ = 300 the top one alone gets +0.31.
 Sharpening the posterior tenfold or sampling it on the model's own training mixture does
 not change this picture.
+
+Circuits (21 min in all with them, one core): the posterior moves a layer-1 head almost
+only through its OV circuit (mean φ 0.21-0.28 nats, against 0.011-0.012 for its QK
+circuit), and neither circuit carries the contrast (QK −0.03 to +0.004, OV −0.34 to −0.13
+×1e-3, for the top induction heads L1H2 and L1H4 as for L1H3, which does no induction).
+The perturbations the posterior admits leave the attention patterns in place and add
+noise to what the head writes, which raises the loss of induction and ordinary tokens
+alike. In the previous-token head L0H0 the contrast sits in the OV circuit (−9.0 ×1e-3;
+QK −0.01): what it writes is what layer 1's induction keys read. At γ = 3000 the layer-1
+contrasts stay at −0.02 to +0.02 ×1e-3 (L0H0: −1.35).
 """
 
 from __future__ import annotations

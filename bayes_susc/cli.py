@@ -31,19 +31,22 @@ def demo(
         int | None,
         typer.Option(
             min=1,
-            help="torch intra-op threads (default: torch's choice, one per core). On a "
-            "machine shared with other busy processes, 1 is often faster.",
+            help="torch intra-op threads of each worker (default: cores // workers), or of "
+            "this process when it samples alone. On a machine shared with other busy "
+            "processes, 1 is often faster.",
         ),
     ] = None,
     workers: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=1,
-            help="Worker processes sampling heads side by side (same numbers as 1). On a "
-            "few cores this beats intra-op threads (benchmarks/README.md). --threads then "
-            "sets each worker's threads (default: cores // workers).",
+            help="Worker processes sampling heads side by side, --threads each (default: "
+            "one single-threaded worker per core, or 1 = this process alone when --threads "
+            "is given or there is one core). Same numbers whatever the count at equal "
+            "threads per process; on 2 cores "
+            "2 workers ran the demo 1.25x faster than one process with 2 threads.",
         ),
-    ] = 1,
+    ] = None,
 ) -> None:
     """Sample every attention head of the shipped byte-level demo transformer."""
     import os
@@ -52,7 +55,9 @@ def demo(
 
     from bayes_susc.demo import DemoSettings, run_demo
 
-    if threads is not None and workers == 1:
+    if workers is None:
+        workers = 1 if threads is not None else max(1, os.cpu_count() or 1)
+    if workers == 1 and threads is not None:
         torch.set_num_threads(threads)
     per_worker = threads or max(1, (os.cpu_count() or 1) // workers)
     settings = DemoSettings.quick() if quick else DemoSettings()

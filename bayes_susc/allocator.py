@@ -12,7 +12,9 @@ until it exits.
 
 It changes a process-wide setting, so the library never calls it on its own: the
 ``bayes-susc`` command line and the benchmarks do (on both sides of a comparison);
-call it yourself before sampling in a script or notebook.
+call it yourself before sampling in a script or notebook. Worker processes that a
+:class:`~bayes_susc.executor.ProcessExecutor` starts take the setting of the process that
+started them (:func:`applied_top_pad`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["applied_top_pad", "keep_freed_memory"]
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -29,6 +31,13 @@ _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's upper bound on 64-bit systems
 _TRIM_NEVER = 2**31 - 1  # mallopt takes an int
+_APPLIED: dict[str, int | None] = {"top_pad": None}
+
+
+def applied_top_pad() -> int | None:
+    """``top_pad_bytes`` of the last :func:`keep_freed_memory` call that took effect in
+    this process, or None if none did."""
+    return _APPLIED["top_pad"]
 
 
 def keep_freed_memory(top_pad_bytes: int = 256 * 1024 * 1024) -> bool:
@@ -59,4 +68,7 @@ def keep_freed_memory(top_pad_bytes: int = 256 * 1024 * 1024) -> bool:
         (_M_TRIM_THRESHOLD, _TRIM_NEVER),
         (_M_TOP_PAD, top_pad_bytes),
     )
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    applied = all(mallopt(param, value) == 1 for param, value in settings)
+    if applied:
+        _APPLIED["top_pad"] = top_pad_bytes
+    return applied

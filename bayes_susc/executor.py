@@ -251,10 +251,14 @@ class LocalExecutor:
 _WORKER_SHARED: dict[str, Any] = {"token": None, "value": None}
 
 
-def _init_worker(threads: int, initializer: Callable[[], None] | None) -> None:
+def _init_worker(threads: int, top_pad: int | None, initializer: Callable[[], None] | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    if top_pad is not None:
+        from bayes_susc.allocator import keep_freed_memory
+
+        keep_freed_memory(top_pad)
     if initializer is not None:
         initializer()
 
@@ -282,9 +286,11 @@ class ProcessExecutor:
     pickled once per call and unpickled once per worker, so the jobs a worker runs share
     one copy of the model. Same seeds, same numbers as :class:`LocalExecutor`.
 
-    Workers import ``fn``, the model's class and the loss function by module name, as
-    with Ray: functions defined in a script run as ``__main__`` reach them only if the
-    script can be imported (the usual ``if __name__ == "__main__":`` guard).
+    Workers take this process's :func:`bayes_susc.allocator.keep_freed_memory` setting if it
+    made one (the ``bayes-susc`` command does). Workers import ``fn``, the model's class
+    and the loss function by module name, as with Ray: functions defined in a script run
+    as ``__main__`` reach them only if the script can be imported (the usual
+    ``if __name__ == "__main__":`` guard).
 
     Args:
         workers: worker processes (default: ``os.cpu_count() // threads_per_worker``).
@@ -310,12 +316,14 @@ class ProcessExecutor:
         self._pool: ProcessPoolExecutor | None = None
 
     def _ensure_pool(self) -> ProcessPoolExecutor:
+        from bayes_susc.allocator import applied_top_pad
+
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(self.threads_per_worker, self.initializer),
+                initargs=(self.threads_per_worker, applied_top_pad(), self.initializer),
             )
         return self._pool
 

@@ -79,7 +79,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -764,12 +763,10 @@ def _print(results: dict[str, Any]) -> None:
         )
 
 
-def _worker_setup(keep_memory: bool) -> None:
-    """A worker's start: the imports this process did before timing, the allocator."""
+def _worker_setup() -> None:
+    """A worker's start: the imports this process did before timing. (Workers take this
+    process's allocator setting themselves, see ProcessExecutor.)"""
     import transformer_lens  # noqa: F401  (the model's module: unpickling it imports it)
-
-    if keep_memory:
-        keep_freed_memory()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -837,7 +834,7 @@ def main(argv: list[str] | None = None) -> None:
         peer_first=args.peer_first,
         verbose=True,
         workers=args.workers,
-        worker_init=functools.partial(_worker_setup, not args.default_allocator),
+        worker_init=_worker_setup,
         device=args.device,
     )
     results["quick"] = args.quick

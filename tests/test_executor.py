@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import sys
 import time
 import tomllib
 import warnings
@@ -344,6 +345,12 @@ def _worker_state(shared: list, job: int) -> tuple[int, int, int]:
     return job, torch.get_num_threads(), id(shared)
 
 
+def _allocator_setting(shared, job):
+    from bayes_susc.allocator import applied_top_pad
+
+    return applied_top_pad()
+
+
 # ---------------------------------------------------------------- local worker processes
 @pytest.fixture(scope="module")
 def process_pool():
@@ -397,6 +404,19 @@ def test_processes_give_the_numbers_of_the_local_run(process_pool, ship):
 def test_process_executor_rejects_bad_settings(kwargs, error, match):
     with pytest.raises(error, match=match):
         ProcessExecutor(**kwargs)
+
+
+def test_workers_take_the_allocator_setting_of_their_parent(monkeypatch):
+    from bayes_susc import allocator
+
+    monkeypatch.setitem(allocator._APPLIED, "top_pad", None)
+    with ProcessExecutor(1) as ex:
+        assert list(ex.map(_allocator_setting, None, [0])) == [None]
+    # As if this process had called keep_freed_memory(2**20) (the CLI does, at start).
+    monkeypatch.setitem(allocator._APPLIED, "top_pad", 2**20)
+    with ProcessExecutor(1) as ex:
+        want = 2**20 if sys.platform.startswith("linux") else None
+        assert list(ex.map(_allocator_setting, None, [0])) == [want]
 
 
 def test_leaving_the_block_on_an_error_stops_running_jobs_at_once():

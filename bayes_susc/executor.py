@@ -251,9 +251,21 @@ class LocalExecutor:
 _WORKER_SHARED: dict[str, Any] = {"token": None, "value": None}
 
 
+def _exit_with_parent(parent: int, period_s: float = 1.0) -> None:
+    """End this worker once the process that started it is gone (killed, say): an idle
+    worker waits on a queue whose other ends it holds itself, so it would wait forever."""
+    while True:
+        time.sleep(period_s)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
 def _init_worker(threads: int, top_pad: int | None, initializer: Callable[[], None] | None) -> None:
+    import threading
+
     import torch
 
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     torch.set_num_threads(threads)
     if top_pad is not None:
         from bayes_susc.allocator import keep_freed_memory

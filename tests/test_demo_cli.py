@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,6 +67,30 @@ def _demo_command(out) -> list[str]:
     return [sys.executable, "-m", "bayes_susc.cli", "demo", "--out", str(out), "--quick"]
 
 
+def _children_of(pid: int) -> list[int]:
+    """Pids of the live processes whose parent is ``pid`` (Linux /proc)."""
+    return [p for p in _live_processes() if _stat(p)[1] == pid]
+
+
+def _stat(pid: int) -> tuple[str, int]:
+    """(state letter, parent pid) of a process, from /proc/PID/stat."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    state, ppid = text[text.rindex(")") + 2 :].split()[:2]
+    return state, int(ppid)
+
+
+def _live_processes() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if _stat(int(entry.name))[0] != "Z":  # a zombie has exited already
+                    pids.append(int(entry.name))
+            except (OSError, ValueError):
+                continue  # ended while listed
+    return pids
+
+
 def test_killed_demo_resumes_to_the_uninterrupted_result(tmp_path):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     proc = subprocess.Popen(
@@ -80,10 +105,18 @@ def test_killed_demo_resumes_to_the_uninterrupted_result(tmp_path):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "no component file after 120 s"
             time.sleep(0.02)
+        workers = _children_of(proc.pid)
         proc.kill()
     finally:
         proc.kill()
         proc.wait()
+    # Its worker processes end with it (they would otherwise wait for jobs for ever).
+    if (os.cpu_count() or 1) > 1:
+        assert workers, "on several cores the demo samples on worker processes by default"
+    deadline = time.monotonic() + 15
+    while set(workers) & set(_live_processes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not set(workers) & set(_live_processes())
     done = sorted(p.name for p in (killed / "components").glob("*.nc"))
     assert 1 <= len(done) < 4, done  # killed mid-run: some heads finished, not all
     assert not (killed / "response_matrix.nc").exists()

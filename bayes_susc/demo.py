@@ -28,6 +28,7 @@ from bayes_susc.posterior import LocalPosterior
 from bayes_susc.sampling import sample
 from bayes_susc.storage import atomic_write, get_group, load, save
 from bayes_susc.susceptibility import susceptibility
+from bayes_susc.validation import check_int
 
 #: The shipped demo checkpoint (safetensors) and its config + training record (JSON).
 DEMO_CHECKPOINT = Path(__file__).parent / "models" / "demo_model.safetensors"
@@ -208,6 +209,8 @@ def run_demo(
     from bayes_susc.models.corpus import decode
 
     s = settings or DemoSettings()
+    workers = check_int("workers", workers, minimum=1)
+    threads_per_worker = check_int("threads_per_worker", threads_per_worker, minimum=1)
     out = Path(out)
     (out / "components").mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
@@ -272,8 +275,8 @@ def run_demo(
                 progress=False,
                 **sample_kwargs,
             )
-            show = None if progress is None else not progress  # None: only on a terminal
-            bar = tqdm(results, total=len(todo), desc="heads", unit="head", disable=show)
+            hide = None if progress is None else not progress  # None: only on a terminal
+            bar = tqdm(results, total=len(todo), desc="heads", unit="head", disable=hide)
             for name, data in bar:
                 save(data, path_of(name))  # each head as it comes: a killed run resumes
                 runs[name] = data

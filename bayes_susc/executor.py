@@ -308,7 +308,8 @@ class ProcessExecutor:
         workers: worker processes (default: ``os.cpu_count() // threads_per_worker``).
         threads_per_worker: torch intra-op threads in each worker.
         initializer: a picklable zero-argument function each worker calls once at start
-            (after setting its threads), e.g. :func:`bayes_susc.allocator.keep_freed_memory`.
+            (after setting its threads), e.g. one that imports the model's heavy modules
+            ahead of time or puts a folder on ``sys.path``.
     """
 
     def __init__(

@@ -24,8 +24,6 @@ import torch
 
 from bayes_susc.models.train_demo import ROLE_VOCAB as _ROLE_VOCAB
 from bayes_susc.models.train_demo import demo_role_scores
-from bayes_susc.posterior import LocalPosterior
-from bayes_susc.sampling import sample
 from bayes_susc.storage import atomic_write, get_group, load, save
 from bayes_susc.susceptibility import susceptibility
 from bayes_susc.validation import check_int
@@ -249,55 +247,43 @@ def run_demo(
     def path_of(name: str) -> Path:
         return out / "components" / f"{name}.nc"
 
-    sample_kwargs = dict(
-        kernel="sgld",
-        step_size=s.step_size,
-        num_chains=s.num_chains,
-        num_draws=s.num_draws,
-        num_burnin=s.num_burnin,
-        seed=s.seed,
-    )
     runs = {c.name: load(path_of(c.name)) for c in components if path_of(c.name).exists()}
     todo = [c for c in components if c.name not in runs]
-    if todo and workers > 1:
+    if todo:
+        import contextlib
+
         from tqdm.auto import tqdm
 
-        from bayes_susc.executor import Problem, ProcessExecutor, iter_components
+        from bayes_susc.executor import LocalExecutor, Problem, ProcessExecutor, iter_components
 
         problem = Problem(model, next_token_loss, train_batches, eval_tokens, probe_tokens, coords)
-        with ProcessExecutor(workers, threads_per_worker=threads_per_worker) as executor:
+        executor = (
+            ProcessExecutor(workers, threads_per_worker=threads_per_worker)
+            if workers > 1
+            else LocalExecutor()
+        )
+        # In this process each head shows its chains' bars; on workers, one bar over heads
+        # (progress None: only on a terminal).
+        hide_heads_bar = True if workers == 1 else None if progress is None else not progress
+        with executor if workers > 1 else contextlib.nullcontext():
             results = iter_components(
                 problem,
                 todo,
                 executor=executor,
                 nbeta=s.nbeta,
                 gamma=s.gamma,
-                progress=False,
-                **sample_kwargs,
+                kernel="sgld",
+                step_size=s.step_size,
+                num_chains=s.num_chains,
+                num_draws=s.num_draws,
+                num_burnin=s.num_burnin,
+                seed=s.seed,
+                progress=progress if workers == 1 else False,
             )
-            hide = None if progress is None else not progress  # None: only on a terminal
-            bar = tqdm(results, total=len(todo), desc="heads", unit="head", disable=hide)
+            bar = tqdm(results, total=len(todo), desc="heads", unit="head", disable=hide_heads_bar)
             for name, data in bar:
                 save(data, path_of(name))  # each head as it comes: a killed run resumes
                 runs[name] = data
-    for component in todo:
-        if component.name in runs:
-            continue
-        posterior = LocalPosterior(
-            model, next_token_loss, train_batches, component, nbeta=s.nbeta, gamma=s.gamma
-        )
-        kwargs = dict(sample_kwargs)
-        data = sample(
-            posterior,
-            kwargs.pop("kernel"),
-            eval_data=eval_tokens,
-            probe_data=probe_tokens,
-            probe_coords=coords,
-            progress=progress,
-            **kwargs,
-        )
-        save(data, path_of(component.name))
-        runs[component.name] = data
     runs = {c.name: runs[c.name] for c in components}  # the model's order
     for name, data in runs.items():
         summary["components"][name] = component_summary(data)

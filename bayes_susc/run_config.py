@@ -996,14 +996,13 @@ def run_from_config(
             progress=progress if r["executor"] == "local" else False,
             **_kernel_kwargs(s),
         )
-        try:
+        # Worker processes end with the run (killed at once on an error such as Ctrl-C); a
+        # Ray cluster outlives it.
+        with executor if isinstance(executor, ProcessExecutor) else contextlib.nullcontext():
             for name, result in results:
                 save(result, out_dir / "components" / f"{name}.nc")
                 runs[name] = result
                 computed.append(name)
-        finally:
-            if isinstance(executor, ProcessExecutor):
-                executor.shutdown()  # its worker processes; a Ray cluster outlives the run
     runs = {comp.name: runs[comp.name] for comp in p.components}  # the config's order
 
     e = cfg["estimate"]

@@ -106,6 +106,7 @@ from bayes_susc.models.attn_only import next_token_loss
 from bayes_susc.models.corpus import mixed_corpus
 from bayes_susc.models.train import train
 from bayes_susc.response_matrix import build_response_matrix
+from bayes_susc.splits import head_of
 from bayes_susc.susceptibility import estimate_many
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile for the combined interval
@@ -307,13 +308,12 @@ def matmul_peak(n: int = 1024, repeats: int = 10, device: str = "cpu") -> float:
 
 
 # ------------------------------------------------------------------------ our side
-def _chain_method(post: LocalPosterior) -> str:
-    """Chains as one batch where a head's shared prefix applies; one after another for
-    the unrestricted run (measured at 1 thread: 76 ms per chain-step sequential against
-    95 vectorized — each replica's activations are its own and 4 at once overflow the
-    caches; heads: equal within 5 %)."""
-    head = post.split is not None and post.split.name.endswith("_head")
-    return "vectorized" if head else "sequential"
+def _chain_method(model: torch.nn.Module, comp: Component) -> str:
+    """Chains as one batch for a head (its shared-prefix split applies); one after another
+    for the unrestricted run (measured at 1 thread: 76 ms per chain-step sequential
+    against 95 vectorized — each replica's activations are its own and 4 at once overflow
+    the caches; heads: equal within 5 %)."""
+    return "vectorized" if head_of(comp.resolve(model)) is not None else "sequential"
 
 
 def run_ours(
@@ -343,23 +343,24 @@ def run_ours(
         step_size=cfg.step_size,
     )
     components = [by_regex("full", model, ".*"), *problem.components]
-
-    def posterior(comp: Component) -> LocalPosterior:
-        return LocalPosterior(
-            model, next_token_loss, problem.train_batches, comp, nbeta=cfg.nbeta, gamma=cfg.gamma
-        )
-
     per_component: dict[str, float] = {}
     start = time.perf_counter()
     runs: dict[str, Any] = {}
     if executor is None:
         for comp in components:
             t0 = time.perf_counter()
-            post = posterior(comp)
+            post = LocalPosterior(
+                model,
+                next_token_loss,
+                problem.train_batches,
+                comp,
+                nbeta=cfg.nbeta,
+                gamma=cfg.gamma,
+            )
             runs[comp.name] = sample(
                 post,
                 "sgld",
-                chain_method=_chain_method(post),
+                chain_method=_chain_method(model, comp),
                 eval_data=problem.eval_tokens,
                 probe_data=problem.probe_tokens,
                 **kwargs,
@@ -373,8 +374,7 @@ def run_ours(
         )
         by_method: dict[str, list[Component]] = {"sequential": [], "vectorized": []}
         for comp in components:
-            post = posterior(comp)
-            by_method[_chain_method(post)].append(comp)
+            by_method[_chain_method(model, comp)].append(comp)
         # Both calls submit their jobs at once; the long unrestricted run goes first.
         streams = [
             iter_components(
@@ -805,6 +805,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-peer", action="store_true", help="time bayes_susc only")
     parser.add_argument("--peer-first", action="store_true", help="run devinterp first")
     args = parser.parse_args(argv)
+    if args.workers < 1 or args.threads < 1:
+        parser.error(f"--workers and --threads must be >= 1, got {args.workers}, {args.threads}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch build sees no CUDA device")
     torch.set_num_threads(args.threads)
     # Process-wide, so it holds for both sides alike.
     allocator = "glibc default" if args.default_allocator else "keep_freed_memory"
@@ -819,14 +827,6 @@ def main(argv: list[str] | None = None) -> None:
                 "devinterp is not installed: pip install -c constraints.txt -e '.[bench]' "
                 "(or pass --skip-peer)"
             )
-    if args.workers < 1 or args.threads < 1:
-        parser.error(f"--workers and --threads must be >= 1, got {args.workers}, {args.threads}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        parser.error(f"--device: {exc}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this torch build sees no CUDA device")
     results = run_benchmark(
         cfg,
         args.out,

@@ -250,18 +250,20 @@ CIRCUITS = {"QK": ("W_Q", "W_K", "b_Q", "b_K"), "OV": ("W_V", "W_O", "b_V")}
 STRONG_GAMMA = 3000.0
 
 
-def circuit_components(heads: tuple[str, ...]) -> list:
-    """The QK and OV circuits of each named head ``L{l}H{h}`` as components ``L{l}H{h}.QK``
-    (its slices of W_Q, W_K, b_Q, b_K) and ``L{l}H{h}.OV`` (W_V, W_O, b_V): together
-    exactly the head's component of :func:`~bayes_susc.models.attn_only.head_components`."""
+def circuit_components(model, heads: tuple[str, ...]) -> list:
+    """The QK and OV circuits of each named head as components ``<head>.QK`` (its slices
+    of W_Q, W_K, b_Q, b_K) and ``<head>.OV`` (W_V, W_O, b_V): the head's component of
+    :func:`~bayes_susc.models.attn_only.head_components` split by parameter."""
     from bayes_susc import Component
+    from bayes_susc.models.attn_only import head_components
 
+    by_name = {c.name: c for c in head_components(model)}
     out = []
     for name in heads:
-        layer, head = (int(x) for x in name[1:].split("H"))
-        prefix = f"blocks.{layer}.attn."
+        selections = by_name[name].selections
         for circuit, params in CIRCUITS.items():
-            out.append(Component(f"{name}.{circuit}", {prefix + q: (head,) for q in params}))
+            part = {p: sel for p, sel in selections.items() if p.rsplit(".", 1)[1] in params}
+            out.append(Component(f"{name}.{circuit}", part))
     return out
 
 
@@ -274,7 +276,9 @@ def _circuit_settings(model, quick: bool, seed: int) -> dict[str, Any]:
 
     heads = PROBED_HEADS[:1] if quick else PROBED_HEADS
     data = _data("natural", 4 if quick else 16, 4 if quick else 16, seed)
-    _, circuits = _sample_groups(model, data, circuit_components(heads), 30.0, 1e-3, quick, seed)
+    _, circuits = _sample_groups(
+        model, data, circuit_components(model, heads), 30.0, 1e-3, quick, seed
+    )
     data["settings"] = dataclasses.replace(data["settings"], gamma=STRONG_GAMMA)
     whole = [c for c in head_components(model) if c.name in heads]
     _, strong = _sample_groups(model, data, whole, 30.0, 1e-3, quick, seed)

@@ -82,7 +82,7 @@ def test_circuits_partition_their_head():
     model = AttnOnlyTransformer(demo_config(), generator=0)
     heads = {c.name: c.resolve(model) for c in head_components(model)}
     for name in study.PROBED_HEADS:
-        qk, ov = (c.resolve(model) for c in study.circuit_components((name,)))
+        qk, ov = (c.resolve(model) for c in study.circuit_components(model, (name,)))
         assert qk.dim + ov.dim == heads[name].dim
         assert not set(qk.param_names) & set(ov.param_names)
         entries = {

@@ -463,7 +463,9 @@ class _HeadSplit(ForwardSplit):
     def suffix(self, params: Mapping[str, Tensor], cached: tuple[Any, ...]) -> Tensor:
         x, stream, z_star, read = cached
         z, W_O = _replica_head_z(x, params, self.frozen, self.prefix_name, self.head, self.scale)
-        replicas = z.shape[0]
+        # A component freeing only W_O leaves z the same for every replica (one copy).
+        replicas = max(z.shape[0], W_O.shape[0])
+        z = z.expand((replicas,) + z.shape[1:])
         # The replica's head output in place of the one at w*: [z, z*] @ [W_O; -W_O*].
         z = torch.cat([z, z_star.expand(z.shape)], dim=-1)
         W_star = self.frozen[self.prefix_name + "W_O"][self.head]

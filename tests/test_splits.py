@@ -349,3 +349,32 @@ def test_shared_prefix_cache_does_not_keep_the_model_alive():
     del model, split
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("parts", [("W_O",), ("W_Q", "W_K", "b_Q", "b_K"), ("W_V", "W_O")])
+def test_split_of_part_of_a_head_matches_plain(layer, parts):
+    """A component freeing some of one head's weights (its output map alone, its QK or its
+    OV circuit) runs the head split with the rest of the head at the anchor. W_O alone
+    leaves the head's attention output the same for every replica; it once failed to
+    broadcast in the last layer's low-rank readout."""
+    model = _model()
+    head = {c.name: c for c in head_components(model)}[f"L{layer}H2"]
+    selections = {p: s for p, s in head.selections.items() if p.rsplit(".", 1)[1] in parts}
+    component = Component(f"L{layer}H2:{'+'.join(parts)}", selections)
+    batches = [_tokens(4, 0)]
+    fast, plain = _pair(model, component, batches)
+    assert fast.split is not None
+    positions = fast.anchor_vector + 0.1 * torch.randn(
+        3, fast.dim, generator=torch.Generator().manual_seed(2)
+    )
+    probe = [_tokens(5, 7)]
+    a, b = fast.batch_item_losses(positions, probe), plain.batch_item_losses(positions, probe)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    ga, gb = (
+        fast.potential_and_grad(positions, batches[0]),
+        plain.potential_and_grad(positions, batches[0]),
+    )
+    torch.testing.assert_close(ga.grad, gb.grad, rtol=1e-5, atol=1e-4)
+    # The replicas differ: the freed weights move each replica's losses.
+    assert (b[0] - b[1]).abs().max() > 1e-3

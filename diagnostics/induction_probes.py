@@ -51,6 +51,15 @@ noise to what the head writes, which raises the loss of induction and ordinary t
 alike. In the previous-token head L0H0 the contrast sits in the OV circuit (−9.0 ×1e-3;
 QK −0.01): what it writes is what layer 1's induction keys read. At γ = 3000 the layer-1
 contrasts stay at −0.02 to +0.02 ×1e-3 (L0H0: −1.35).
+
+OV's parts (rerun 2026-12-02, 24 min on one core beside the test suite; every earlier
+setting reproduced exactly): a shift the value bias b_V adds at every position is not what
+moves the layer-1 heads. Without b_V their OV weights keep nearly all of φ (0.20-0.28
+nats against 0.21-0.28 with it) and the contrast stays at −0.17 to +0.06 ×1e-3 (L1H2
+−0.06, L1H4 +0.06, L1H3 −0.17); W_O alone moves φ by 0.03-0.10 nats and gives +0.006 to
++0.10. The posterior moves these heads through W_V, and still alike on induction and
+ordinary tokens. L0H0's contrast stays in its OV weights (−8.7 without b_V; W_O alone
++0.11): what it reads through W_V carries it.
 """
 
 from __future__ import annotations
@@ -244,16 +253,23 @@ def _joint_setting(model, quick: bool, seed: int) -> dict[str, Any]:
 #: Heads split into circuits and resampled at a stronger localization: the two strongest
 #: induction heads, a layer-1 head without induction, a layer-0 head.
 PROBED_HEADS = ("L1H2", "L1H4", "L1H3", "L0H0")
-#: The circuits of a head: which of its parameter slices each frees.
-CIRCUITS = {"QK": ("W_Q", "W_K", "b_Q", "b_K"), "OV": ("W_V", "W_O", "b_V")}
+#: Parts of a head: which of its parameter slices each frees. QK and OV partition the head;
+#: OV's weights without b_V, and W_O alone, tell whether what the posterior moves in OV is
+#: the value bias (a shift the same at every position) or the maps.
+CIRCUITS = {
+    "QK": ("W_Q", "W_K", "b_Q", "b_K"),
+    "OV": ("W_V", "W_O", "b_V"),
+    "OV-weights": ("W_V", "W_O"),
+    "W_O": ("W_O",),
+}
 #: The stronger localization (10x the demo's γ; εγ = 3 stays below SGLD's limit of 4).
 STRONG_GAMMA = 3000.0
 
 
 def circuit_components(model, heads: tuple[str, ...]) -> list:
-    """The QK and OV circuits of each named head as components ``<head>.QK`` (its slices
-    of W_Q, W_K, b_Q, b_K) and ``<head>.OV`` (W_V, W_O, b_V): the head's component of
-    :func:`~bayes_susc.models.attn_only.head_components` split by parameter."""
+    """The parts of :data:`CIRCUITS` of each named head as components ``<head>.<part>``
+    (e.g. ``<head>.QK``: its slices of W_Q, W_K, b_Q, b_K), in that order: the head's
+    component of :func:`~bayes_susc.models.attn_only.head_components` split by parameter."""
     from bayes_susc import Component
     from bayes_susc.models.attn_only import head_components
 
@@ -268,7 +284,7 @@ def circuit_components(model, heads: tuple[str, ...]) -> list:
 
 
 def _circuit_settings(model, quick: bool, seed: int) -> dict[str, Any]:
-    """The demo's defaults with each probed head split into its QK and OV circuits, and
+    """The demo's defaults with each probed head split into the parts of :data:`CIRCUITS`, and
     the whole probed heads at γ = :data:`STRONG_GAMMA`."""
     import dataclasses
 
@@ -392,7 +408,8 @@ def report(results: dict[str, Any]) -> str:
         ("joint", "Layer-1 heads sampled jointly (nβ = 30, ε = 0.001, natural data)", "heads"),
         (
             "circuits",
-            "Heads split into their QK and OV circuits (nβ = 30, γ = 300, ε = 0.001, natural data)",
+            "Heads split into their QK and OV circuits, and OV into its weights without b_V "
+            "and W_O alone (nβ = 30, γ = 300, ε = 0.001, natural data)",
             "circuit",
         ),
         (

@@ -56,7 +56,7 @@ def test_quick_study_writes_a_report(tmp_path):
                 entry = head[group]
                 assert entry["ci_low"] <= entry["chi"] <= entry["ci_high"]
     assert set(results["joint"]) == {"L1H2+L1H4"}
-    assert set(results["circuits"]) == {"L1H2.QK", "L1H2.OV"}
+    assert set(results["circuits"]) == {f"L1H2.{part}" for part in study.CIRCUITS}
     assert set(results["strong_gamma"]) == {"L1H2"}
 
 
@@ -82,7 +82,10 @@ def test_circuits_partition_their_head():
     model = AttnOnlyTransformer(demo_config(), generator=0)
     heads = {c.name: c.resolve(model) for c in head_components(model)}
     for name in study.PROBED_HEADS:
-        qk, ov = (c.resolve(model) for c in study.circuit_components(model, (name,)))
+        parts = {c.name: c.resolve(model) for c in study.circuit_components(model, (name,))}
+        qk, ov = parts[f"{name}.QK"], parts[f"{name}.OV"]
+        # OV's weights without the value bias, and W_O alone, sit inside OV.
+        assert parts[f"{name}.W_O"].dim < parts[f"{name}.OV-weights"].dim < ov.dim
         assert qk.dim + ov.dim == heads[name].dim
         assert not set(qk.param_names) & set(ov.param_names)
         entries = {

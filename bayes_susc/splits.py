@@ -164,8 +164,9 @@ def _replica_head_z(
 
     x (batch, pos, d_model) shared by all replicas; the head's weights per replica
     (``W_Q/W_K/W_V`` (R, d_model, d_head), ``b_*`` (R, d_head), ``W_O`` (R, d_head,
-    d_model), R = replicas or 1); ``scale`` multiplies q·k -> (z (R, batch, pos, d_head),
-    the head's ``W_O`` (R or 1, d_head, d_model)); the head's output is ``z @ W_O``.
+    d_model), R = replicas or 1); ``scale`` multiplies q·k -> (z (R or 1, batch, pos,
+    d_head): 1 when W_Q, W_K, W_V and their biases are all frozen; the head's ``W_O`` (R or
+    1, d_head, d_model)); the head's output is ``z @ W_O``, broadcast over replicas.
     """
 
     def w(name: str) -> Tensor:

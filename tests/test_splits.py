@@ -38,6 +38,22 @@ def _pair(model, component, batches):
     return fast, plain
 
 
+def _compare_with_plain(fast, plain, batch, probe, *, spread, seed, atol_loss, atol_grad):
+    """Probe losses, and the potential and gradient on ``batch``, agree between the split
+    path ``fast`` and the ``plain`` one at 3 positions ``spread`` around the anchor;
+    returns the plain path's (losses, grad)."""
+    positions = fast.anchor_vector + spread * torch.randn(
+        3, fast.dim, generator=torch.Generator().manual_seed(seed)
+    )
+    a, b = fast.batch_item_losses(positions, probe), plain.batch_item_losses(positions, probe)
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, b, rtol=0, atol=atol_loss)
+    ga, gb = fast.potential_and_grad(positions, batch), plain.potential_and_grad(positions, batch)
+    torch.testing.assert_close(ga.potential, gb.potential, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(ga.grad, gb.grad, rtol=1e-5, atol=atol_grad)
+    return b, gb.grad
+
+
 @pytest.mark.parametrize("layernorm", [True, False])
 @pytest.mark.parametrize("name", ["L0H1", "L1H3"])
 def test_split_losses_and_gradients_match_plain(name, layernorm):
@@ -49,21 +65,12 @@ def test_split_losses_and_gradients_match_plain(name, layernorm):
     # The map above the head (next layer's Q/K/V, or the unembedding) runs low-rank.
     assert fast.split.readout is not None
     assert plain.split is None
-    positions = fast.anchor_vector + 0.1 * torch.randn(
-        3, fast.dim, generator=torch.Generator().manual_seed(1)
+    losses, grad = _compare_with_plain(
+        fast, plain, batches[1], [_tokens(5, 7)], spread=0.1, seed=1, atol_loss=1e-5, atol_grad=1e-4
     )
-    probe = [_tokens(5, 7)]
-    a, b = fast.batch_item_losses(positions, probe), plain.batch_item_losses(positions, probe)
-    assert a.shape == b.shape == (3, 5 * 15)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    ga, gb = (
-        fast.potential_and_grad(positions, batches[1]),
-        plain.potential_and_grad(positions, batches[1]),
-    )
-    torch.testing.assert_close(ga.potential, gb.potential, rtol=1e-6, atol=1e-4)
-    torch.testing.assert_close(ga.grad, gb.grad, rtol=1e-5, atol=1e-4)
+    assert losses.shape == (3, 5 * 15)
     # The gradient is not trivially small: the comparison has something to compare.
-    assert gb.grad.abs().max() > 1.0
+    assert grad.abs().max() > 1.0
 
 
 def test_replica_broadcasting_loss_equals_vmapped_loss():
@@ -243,20 +250,8 @@ def _assert_split_matches_plain(model, component, tokens, name, atol_loss, atol_
     fast = LocalPosterior(model, causal_lm_loss, [tokens], component)
     plain = LocalPosterior(model, causal_lm_loss, [tokens], component, split=None)
     assert fast.describe()["split"] == name, component.name
-    positions = fast.anchor_vector + 0.05 * torch.randn(
-        3, fast.dim, generator=torch.Generator().manual_seed(4)
-    )
-    torch.testing.assert_close(
-        fast.batch_item_losses(positions, [tokens]),
-        plain.batch_item_losses(positions, [tokens]),
-        rtol=0,
-        atol=atol_loss,
-    )
-    torch.testing.assert_close(
-        fast.potential_and_grad(positions, tokens).grad,
-        plain.potential_and_grad(positions, tokens).grad,
-        rtol=1e-5,
-        atol=atol_grad,
+    _compare_with_plain(
+        fast, plain, tokens, [tokens], spread=0.05, seed=4, atol_loss=atol_loss, atol_grad=atol_grad
     )
 
 
@@ -365,16 +360,8 @@ def test_split_of_part_of_a_head_matches_plain(layer, parts):
     batches = [_tokens(4, 0)]
     fast, plain = _pair(model, component, batches)
     assert fast.split is not None
-    positions = fast.anchor_vector + 0.1 * torch.randn(
-        3, fast.dim, generator=torch.Generator().manual_seed(2)
+    losses, _ = _compare_with_plain(
+        fast, plain, batches[0], [_tokens(5, 7)], spread=0.1, seed=2, atol_loss=1e-5, atol_grad=1e-4
     )
-    probe = [_tokens(5, 7)]
-    a, b = fast.batch_item_losses(positions, probe), plain.batch_item_losses(positions, probe)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    ga, gb = (
-        fast.potential_and_grad(positions, batches[0]),
-        plain.potential_and_grad(positions, batches[0]),
-    )
-    torch.testing.assert_close(ga.grad, gb.grad, rtol=1e-5, atol=1e-4)
     # The replicas differ: the freed weights move each replica's losses.
-    assert (b[0] - b[1]).abs().max() > 1e-3
+    assert (losses[0] - losses[1]).abs().max() > 1e-3

@@ -161,6 +161,40 @@ def as_batch_list(name: str, data: Any, *, allow_empty: bool = False) -> list[Ba
     return batches
 
 
+def resolve_free(
+    model: torch.nn.Module, component: Component | Sequence[str] | ResolvedComponent
+) -> ResolvedComponent:
+    """``component`` resolved against ``model``, its free parameters checked: one floating
+    point dtype and one device (what :class:`LocalPosterior` needs to sample them).
+
+    ``component``: a :class:`Component`, a list of parameter names, or one already
+    resolved. Raises TypeError or ValueError (unknown parameter, empty selection, mixed
+    or integer dtypes, mixed devices) naming the component.
+    """
+    if isinstance(component, ResolvedComponent):
+        resolved = component
+    else:
+        if not isinstance(component, Component):
+            if isinstance(component, str) or not isinstance(component, Iterable):
+                raise TypeError(
+                    f"component must be a Component or a list of parameter names, got {component!r}"
+                )
+            component = Component.from_parameters("component", list(component))
+        resolved = component.resolve(model)
+    params = dict(model.named_parameters())
+    free = [params[p] for p in resolved.param_names]
+    dtypes = {p.dtype for p in free}
+    devices = {p.device for p in free}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise TypeError(
+            f"component {resolved.name!r} mixes dtypes {sorted(map(str, dtypes))} "
+            f"or devices {sorted(map(str, devices))}; cast the model to one dtype/device"
+        )
+    if not free[0].dtype.is_floating_point:
+        raise TypeError(f"free parameters must be floating point, got {free[0].dtype}")
+    return resolved
+
+
 class LocalPosterior:
     """Tempered posterior of one component, localized at the trained weights.
 
@@ -214,32 +248,12 @@ class LocalPosterior:
                 "iterator or generator: the sampler cycles through it"
             )
         self.train_batches = as_batch_list("train_data", train_data)
-        if isinstance(component, ResolvedComponent):
-            self.component = component
-        else:
-            if not isinstance(component, Component):
-                if isinstance(component, str) or not isinstance(component, Iterable):
-                    raise TypeError(
-                        "component must be a Component or a list of parameter names, "
-                        f"got {component!r}"
-                    )
-                component = Component.from_parameters("component", list(component))
-            self.component = component.resolve(model)
+        self.component = resolve_free(model, component)
         self.model = model.eval()
         self.loss_fn = loss_fn
         params = dict(model.named_parameters())
-        free = [params[p] for p in self.component.param_names]
-        dtypes = {p.dtype for p in free}
-        devices = {p.device for p in free}
-        if len(dtypes) > 1 or len(devices) > 1:
-            raise TypeError(
-                f"component {self.component.name!r} mixes dtypes {sorted(map(str, dtypes))} "
-                f"or devices {sorted(map(str, devices))}; cast the model to one dtype/device"
-            )
-        self.dtype = free[0].dtype
-        self.device = free[0].device
-        if not self.dtype.is_floating_point:
-            raise TypeError(f"free parameters must be floating point, got {self.dtype}")
+        first = params[self.component.param_names[0]]
+        self.dtype, self.device = first.dtype, first.device
         self.anchors = {p: params[p].detach().clone() for p in self.component.param_names}
         self.anchor_vector = self.component.gather(self.anchors)
         self._bound_loss = _Bound(model, loss_fn)

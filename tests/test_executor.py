@@ -287,6 +287,13 @@ def _not_a_problem():
         ((), {"chains": [0]}, TypeError, r"sets \['chains'\] itself"),
         ((), {"store": "draws.zarr"}, ValueError, r"does not take \['store'\]"),
         (([Component.from_parameters("w", ["nope"])],), {}, ValueError, "unknown parameter"),
+        # Every component is resolved before any job, not only the first.
+        (
+            ([*LINEAR_COMPONENTS, Component.from_parameters("w", ["nope"])],),
+            {},
+            ValueError,
+            "unknown parameter",
+        ),
         ((LINEAR_COMPONENTS * 2,), {}, ValueError, r"unique.*\['bias', 'weight'\]"),
         (([],), {}, TypeError, "non-empty sequence of Component"),
         ((["weight"],), {}, TypeError, "non-empty sequence of Component"),

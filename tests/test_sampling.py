@@ -444,6 +444,16 @@ def test_bad_loss_fn(loss_fn, exc, pattern):
         LocalPosterior(model, loss_fn, data["train"], ["weight"])
 
 
+def test_component_of_mixed_or_integer_dtypes():
+    model, data = _linear()
+    model.bias.data = model.bias.data.double()
+    with pytest.raises(TypeError, match=r"component 'component' mixes dtypes \['torch.float32', "):
+        LocalPosterior(model, sq_loss, data["train"], ["weight", "bias"])
+    model.register_parameter("count", torch.nn.Parameter(torch.ones(2, dtype=torch.long), False))
+    with pytest.raises(TypeError, match="free parameters must be floating point, got torch.int64"):
+        LocalPosterior(model, sq_loss, data["train"], ["count"])
+
+
 def test_train_batch_of_wrong_dtype():
     model, data = _linear()
     train = [(x.double(), t.double()) for x, t in data["train"]]

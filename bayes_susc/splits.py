@@ -377,6 +377,15 @@ class _LayerPrefixCache:
             self._drop(next(iter(self.entries)))
         return value
 
+    def peek(self, tokens: Tensor) -> tuple[Any, ...] | None:
+        """The cached prefix of ``tokens`` if there is a valid one, else None (nothing
+        computed)."""
+        hit = self.entries.get(id(tokens))
+        if hit is None or hit[0]() is not tokens or hit[1] != tokens._version:
+            return None
+        self.entries.move_to_end(id(tokens))
+        return hit[2]
+
     def _drop(self, key: int, ref: weakref.ref | None = None) -> None:
         entry = self.entries.get(key)
         if entry is not None and (ref is None or entry[0] is ref):
@@ -440,14 +449,34 @@ class _HeadSplit(ForwardSplit):
                 del caches[stale]  # built from other weights: never used again
             caches[key] = _LayerPrefixCache()
         self.layer_prefix = caches[key]
+        self._cache_key = key
 
-    def _layer_prefix(self, tokens: Tensor) -> tuple[Any, ...]:
-        """(x, P, z* (b, p, n_heads, d_head), the readout's part of P or None)."""
+    def _stream_into_layer(self, tokens: Tensor) -> Tensor:
+        """The residual stream entering block ``layer`` at w*, (batch, pos, d_model). When
+        a head split of the block below holds these tokens in its shared prefix, that
+        block's P (and its MLP) gives it: the blocks below are not run again, so a model's
+        heads sampled layer by layer run each frozen block once per batch, not once per
+        layer above it."""
+        kind, _, _, weights = self._cache_key
+        below = self.layer - 1
+        for (other, layer, _, other_weights), cache in list(
+            _LAYER_CACHES.get(self.model, {}).items()
+        ):
+            if other == kind and layer == below and other_weights == weights:
+                hit = cache.peek(tokens)
+                if hit is not None:
+                    stream, mlp = hit[1], self.mlps[below]
+                    return stream if mlp is None else stream + mlp(stream)
         resid = self.embed(tokens)
         for (norm, attention), mlp in zip(self.blocks[: self.layer], self.mlps):
             resid = resid + attention(norm(resid))
             if mlp is not None:
                 resid = resid + mlp(resid)
+        return resid
+
+    def _layer_prefix(self, tokens: Tensor) -> tuple[Any, ...]:
+        """(x, P, z* (b, p, n_heads, d_head), the readout's part of P or None)."""
+        resid = self._stream_into_layer(tokens)
         norm, attention = self.blocks[self.layer]
         x = norm(resid)
         z = attention.z(x)

@@ -331,6 +331,40 @@ def test_heads_of_a_layer_share_one_prefix_per_batch():
     )
 
 
+@pytest.mark.parametrize("model_kind", ["attn_only", "tl_with_mlp"])
+def test_layer_above_starts_from_the_prefix_of_the_layer_below(model_kind):
+    """A head split of layer 1 takes the residual stream entering its layer from the
+    shared prefix of layer 0 when that holds the batch (then only the layer-0 MLP, if
+    any, runs): the embedding is not run again, and the prefix is bit-identical to the
+    one computed from the tokens."""
+    from bayes_susc.architectures import attention_heads
+
+    if model_kind == "attn_only":
+        model, tokens = _model(), _tokens(3, 1)
+        heads = [c.resolve(model) for c in head_components(model)]
+    else:
+        model = _tl_model(False, "LN", seed=2)
+        tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
+        heads = [c.resolve(model) for c in attention_heads(model)]
+    low, high = find_split(model, heads[1]), find_split(model, heads[-1])
+    assert (low.layer, high.layer) == (0, 1)
+    fresh = high._layer_prefix(tokens)  # from the embedding: nothing cached yet
+    low.prefix(tokens)
+    embeds = []
+    embed = high.embed
+    high.embed = lambda t: embeds.append(1) or embed(t)
+    reused = high._layer_prefix(tokens)
+    assert embeds == []
+    flat_fresh = torch.utils._pytree.tree_leaves(fresh)
+    flat_reused = torch.utils._pytree.tree_leaves(reused)
+    assert len(flat_fresh) == len(flat_reused) >= 3
+    for a, b in zip(flat_fresh, flat_reused):
+        assert (a is None and b is None) or torch.equal(a, b)
+    # Other tokens (not in the layer-0 cache) still start from the embedding.
+    high._layer_prefix(tokens.flip(0))
+    assert embeds == [1]
+
+
 def test_shared_prefix_cache_does_not_keep_the_model_alive():
     """The per-layer caches live in a table weakly keyed by the model; nothing in them may
     reach the model, or every model ever split would stay in memory with its prefixes."""

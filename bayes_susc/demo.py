@@ -250,8 +250,6 @@ def run_demo(
     runs = {c.name: load(path_of(c.name)) for c in components if path_of(c.name).exists()}
     todo = [c for c in components if c.name not in runs]
     if todo:
-        import contextlib
-
         from tqdm.auto import tqdm
 
         from bayes_susc.executor import LocalExecutor, Problem, ProcessExecutor, iter_components
@@ -265,7 +263,7 @@ def run_demo(
         # In this process each head shows its chains' bars; on workers, one bar over heads
         # (progress None: only on a terminal).
         hide_heads_bar = True if workers == 1 else None if progress is None else not progress
-        with executor if workers > 1 else contextlib.nullcontext():
+        with executor:
             results = iter_components(
                 problem,
                 todo,

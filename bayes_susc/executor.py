@@ -241,6 +241,12 @@ class LocalExecutor:
     def map(self, fn: Callable[[S, J], R], shared: S, jobs: Sequence[J]) -> Iterator[R]:
         return (fn(shared, job) for job in list(jobs))
 
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        """Nothing to stop; lets callers write ``with executor:`` for any local one."""
+
     def __repr__(self) -> str:
         return "LocalExecutor()"
 

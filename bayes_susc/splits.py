@@ -35,7 +35,8 @@ Three further savings of the head splits, each exact up to float rounding:
 - the prefix does not depend on which head of a layer is sampled (a replica's head
   output replaces the head's output at w*, a rank-2·d_head update of the residual
   stream), so the heads of one layer share it: computed once per batch for all of
-  them (``SHARED_PREFIX_BYTES`` bounds it);
+  them (``SHARED_PREFIX_BYTES`` bounds it), and the prefix of the layer above starts
+  from the residual stream cached in it instead of re-running the layers below;
 - the first map above the head — the next layer's norm and Q/K/V projection, or the
   final norm and the unembedding — is a LayerNorm and a linear map of that low-rank
   update of a frozen stream: its frozen part is cached with the prefix and each

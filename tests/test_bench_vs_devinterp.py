@@ -82,3 +82,23 @@ def test_our_side_on_two_workers_gives_the_in_process_matrix(tmp_path):
         remote = run_ours(problem, cfg, executor=pool)
     assert list(remote["seconds_per_component"]) == ["full", "L0H0", "L0H1"]
     xr.testing.assert_identical(remote["matrix"], local["matrix"])
+
+
+@pytest.mark.parametrize(
+    ("device", "match"),
+    [("tpu:0", "--device: "), ("cuda", "this torch build sees no CUDA device")],
+)
+def test_device_argument_is_checked_before_anything_runs(device, match, capsys, tmp_path):
+    """A device this torch cannot use stops the script with a usage error naming
+    ``--device``, before any model is built or file written."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present here")
+    from benchmarks.vs_devinterp import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--device", device, "--skip-peer", "--quick", "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

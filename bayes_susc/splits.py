@@ -460,14 +460,13 @@ class _HeadSplit(ForwardSplit):
         layer above it."""
         kind, _, _, weights = self._cache_key
         below = self.layer - 1
-        for (other, layer, _, other_weights), cache in list(
-            _LAYER_CACHES.get(self.model, {}).items()
-        ):
-            if other == kind and layer == below and other_weights == weights:
-                hit = cache.peek(tokens)
-                if hit is not None:
-                    stream, mlp = hit[1], self.mlps[below]
-                    return stream if mlp is None else stream + mlp(stream)
+        caches = _LAYER_CACHES.get(self.model, {}) if below >= 0 else {}
+        for has_readout in (True, False):  # either kind of split below holds the same P
+            cache = caches.get((kind, below, has_readout, weights))
+            hit = cache.peek(tokens) if cache is not None else None
+            if hit is not None:
+                stream, mlp = hit[1], self.mlps[below]
+                return stream if mlp is None else stream + mlp(stream)
         resid = self.embed(tokens)
         for (norm, attention), mlp in zip(self.blocks[: self.layer], self.mlps):
             resid = resid + attention(norm(resid))

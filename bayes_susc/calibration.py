@@ -72,9 +72,10 @@ import typer
 
 from bayes_susc import convergence
 from bayes_susc.components import Component, ResolvedComponent
+from bayes_susc.errors import DivergenceWarning
 from bayes_susc.health import HealthReport, check_health
 from bayes_susc.posterior import LocalPosterior, LossFn
-from bayes_susc.sampling import DivergenceWarning, sample
+from bayes_susc.sampling import sample
 from bayes_susc.step_size_bias import sgld_variance_inflation, stiffest_curvature
 from bayes_susc.storage import get_group, to_jsonable
 from bayes_susc.validation import check_int, check_nonnegative, check_positive

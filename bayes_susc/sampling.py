@@ -23,6 +23,7 @@ import xarray as xr
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
+from bayes_susc.errors import DivergenceWarning
 from bayes_susc.kernels.base import Kernel, NoiseSource, make_kernel
 from bayes_susc.posterior import Batch, LocalPosterior, _Bound, as_batch_list
 from bayes_susc.storage import Backend, make_inference_data
@@ -48,10 +49,6 @@ _RESERVED_NAMES = frozenset(
     }
 )
 _DRIVER_STATS = frozenset({"distance", "diverged"})
-
-
-class DivergenceWarning(UserWarning):
-    """Some chains went non-finite; their later draws are NaN and flagged."""
 
 
 def chain_seeds(seed: int, num_chains: int) -> list[int]:

@@ -107,7 +107,7 @@ import xarray as xr
 from scipy import special, stats
 
 from bayes_susc import convergence
-from bayes_susc.sampling import DivergenceWarning
+from bayes_susc.errors import DivergenceWarning
 from bayes_susc.storage import get_group, group_names
 from bayes_susc.validation import check_finite, check_fraction, check_int
 

@@ -1,13 +1,31 @@
-"""bayes_susc: Bayesian susceptibilities of network components, with honest uncertainty."""
+"""bayes_susc: Bayesian susceptibilities of network components, with honest uncertainty.
+
+The names below load on first use (PEP 562), so that ``bayes-susc --help`` and the
+torch-free statistics (``bayes_susc.estimation``) do not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from bayes_susc.components import Component, ResolvedComponent  # noqa: E402
-from bayes_susc.errors import DivergenceWarning  # noqa: E402
-from bayes_susc.kernels import available_kernels, make_kernel, register_kernel  # noqa: E402
-from bayes_susc.posterior import GradientResult, LocalPosterior  # noqa: E402
-from bayes_susc.sampling import sample  # noqa: E402
-from bayes_susc.storage import get_group, load, save  # noqa: E402
+# public name -> the module that defines it
+_EXPORTS = {
+    "Component": "bayes_susc.target.components",
+    "ResolvedComponent": "bayes_susc.target.components",
+    "DivergenceWarning": "bayes_susc.errors",
+    "available_kernels": "bayes_susc.kernels",
+    "make_kernel": "bayes_susc.kernels",
+    "register_kernel": "bayes_susc.kernels",
+    "GradientResult": "bayes_susc.kernels.base",
+    "LocalPosterior": "bayes_susc.target.posterior",
+    "sample": "bayes_susc.sampling.driver",
+    "get_group": "bayes_susc.storage.draws",
+    "load": "bayes_susc.storage.draws",
+    "save": "bayes_susc.storage.draws",
+}
 
 __all__ = [
     "Component",
@@ -23,3 +41,25 @@ __all__ = [
     "sample",
     "save",
 ]
+
+if TYPE_CHECKING:
+    from bayes_susc.errors import DivergenceWarning
+    from bayes_susc.kernels import available_kernels, make_kernel, register_kernel
+    from bayes_susc.kernels.base import GradientResult
+    from bayes_susc.sampling.driver import sample
+    from bayes_susc.storage.draws import get_group, load, save
+    from bayes_susc.target.components import Component, ResolvedComponent
+    from bayes_susc.target.posterior import LocalPosterior
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bayes_susc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

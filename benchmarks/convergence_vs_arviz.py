@@ -2,7 +2,7 @@
 
 Both sides compute R-hat (rank), bulk ESS, tail ESS and MCSE of the mean for the same
 4 chains x 200 draws x N series (AR(1) series with autocorrelations from -0.3 to 0.95,
-a quarter of them with shifted chain means). Ours is ``bayes_susc.convergence.summary``
+a quarter of them with shifted chain means). Ours is ``bayes_susc.estimation.convergence.summary``
 on the whole array. ArviZ is timed two ways on a subset of the series and extrapolated
 linearly to N (its cost per series is constant: it handles one series at a time):
 
@@ -33,7 +33,7 @@ import numpy as np
 import scipy
 from scipy import signal
 
-from bayes_susc.convergence import summary
+from bayes_susc.estimation.convergence import summary
 
 N_CHAINS, N_DRAWS = 4, 200
 KEYS = ("rhat", "ess_bulk", "ess_tail", "mcse_mean")

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from bayes_susc import LocalPosterior, sample
-from bayes_susc.models.attn_only import (
+from bayes_susc.demo.corpus import mixed_corpus
+from bayes_susc.demo.model import (
     AttnOnlyConfig,
     AttnOnlyTransformer,
     head_components,
     next_token_loss,
 )
-from bayes_susc.models.corpus import mixed_corpus
 
 BASE = {"components": 1, "chains": 4, "probe_tokens": 1008, "d_model": 64}
 SEQ_LEN = 64

@@ -1,7 +1,7 @@
 """Peak memory of sampling + estimating with draws streamed to disk against in memory.
 
 For each probe-set size P and each mode, a fresh subprocess samples K components
-(4 chains × 200 draws, SGLD, linear–Gaussian model of ``bayes_susc.ground_truth``: P
+(4 chains × 200 draws, SGLD, linear–Gaussian model of ``bayes_susc.checks.ground_truth``: P
 probe items, each one loss per draw) and builds the response matrix over them
 (``build_response_matrix``, default ``ess_t`` intervals):
 
@@ -55,8 +55,8 @@ def child(mode: str, num_probe: int, components: int, probe_chunk: int, workdir:
     import torch
 
     from bayes_susc import sample
-    from bayes_susc.ground_truth import LinearGaussianProblem, torch_local_posterior
-    from bayes_susc.response_matrix import build_response_matrix
+    from bayes_susc.checks.ground_truth import LinearGaussianProblem, torch_local_posterior
+    from bayes_susc.estimation.response_matrix import build_response_matrix
 
     torch.set_num_threads(1)
     setups = []
@@ -172,7 +172,7 @@ def main() -> None:
             f"{r['peak_mib']:.0f} | {r['working_mib']:.0f} | {r['store_disk_mib']} | "
             f"{r['sample_s']} | {r['matrix_s']} |"
         )
-    from bayes_susc.storage import atomic_write
+    from bayes_susc.storage.draws import atomic_write
 
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"rows": rows, "argv": sys.argv[1:], "python": sys.version.split()[0]}

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from bayes_susc import LocalPosterior, sample
-from bayes_susc.models.attn_only import (
+from bayes_susc.demo.corpus import mixed_corpus
+from bayes_susc.demo.model import (
     AttnOnlyConfig,
     AttnOnlyTransformer,
     head_components,
     next_token_loss,
 )
-from bayes_susc.models.corpus import mixed_corpus
 
 
 def _time(posterior, method: str, chains: int, steps: int, eval_tokens, probe_tokens) -> float:

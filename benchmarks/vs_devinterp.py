@@ -2,7 +2,7 @@
 
 One TransformerLens ``HookedTransformer`` (2 attention-only layers, 8 heads, d_model 128,
 d_head 16, ctx 128, byte vocabulary), briefly trained here on
-:func:`bayes_susc.models.corpus.mixed_corpus` (cached in ``--out``), one data set, and
+:func:`bayes_susc.demo.corpus.mixed_corpus` (cached in ``--out``), one data set, and
 the same sampling problem on both sides:
 
 - the tempered local posterior of each head (and of the whole model: both the peer's
@@ -15,7 +15,7 @@ the same sampling problem on both sides:
 Side by side: ``devinterp.slt.susceptibilities.susceptibilities`` (chains and components
 one after another, observables re-evaluated by full forward passes) against
 ``bayes_susc.LocalPosterior`` + ``bayes_susc.sample`` (chains vectorized) +
-``bayes_susc.response_matrix.build_response_matrix(..., renormalized_from=full_run)``.
+``bayes_susc.estimation.response_matrix.build_response_matrix(..., renormalized_from=full_run)``.
 Only public bayes_susc API is used, so library speed-ups show up here unchanged.
 
 How the two are made to sample the same posterior (read from devinterp 2.0.1's source):
@@ -26,7 +26,7 @@ How the two are made to sample the same posterior (read from devinterp 2.0.1's s
   Welling–Teh form ``v ← v − (ε/2)∇U + √ε ξ``, ``U = nβ·L̂_B + (γ/2)‖v − v*‖²``, with
   ε = lr: no conversion is needed, ``lr = step_size = 1e-3``, ``n_beta = nbeta``,
   ``localization = gamma``. A head is a boolean mask per parameter (built from our
-  :func:`bayes_susc.architectures.attention_heads`): the peer multiplies the update and
+  :func:`bayes_susc.target.architectures.attention_heads`): the peer multiplies the update and
   the noise by it, so it moves exactly our component's entries.
 - Minibatches. The training set is cut into ``steps`` batches of 16 sequences; the
   peer gets it with ``shuffle=False`` (it visits them in order, all chains alike) and we
@@ -96,18 +96,18 @@ import numpy as np
 import torch
 
 from bayes_susc import LocalPosterior, get_group, sample
-from bayes_susc.allocator import keep_freed_memory
-from bayes_susc.architectures import attention_heads, by_regex
-from bayes_susc.components import Component
-from bayes_susc.convergence import mcse_mean
-from bayes_susc.executor import Problem as ExecutorProblem
-from bayes_susc.executor import ProcessExecutor, iter_components
-from bayes_susc.models.attn_only import next_token_loss
-from bayes_susc.models.corpus import mixed_corpus
-from bayes_susc.models.train import train
-from bayes_susc.response_matrix import build_response_matrix
-from bayes_susc.splits import head_of
-from bayes_susc.susceptibility import estimate_many
+from bayes_susc.demo.corpus import mixed_corpus
+from bayes_susc.demo.model import next_token_loss
+from bayes_susc.demo.train import train
+from bayes_susc.estimation.convergence import mcse_mean
+from bayes_susc.estimation.response_matrix import build_response_matrix
+from bayes_susc.estimation.susceptibility import estimate_many
+from bayes_susc.sampling.allocator import keep_freed_memory
+from bayes_susc.sampling.executor import Problem as ExecutorProblem
+from bayes_susc.sampling.executor import ProcessExecutor, iter_components
+from bayes_susc.target.architectures import attention_heads, by_regex
+from bayes_susc.target.components import Component
+from bayes_susc.target.splits import head_of
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile for the combined interval
 
@@ -618,7 +618,7 @@ def run_benchmark(
     token tensor live there; the matmul peak is measured there.
 
     ``workers`` > 1: our side runs its components on that many worker processes
-    (:class:`~bayes_susc.executor.ProcessExecutor`, ``torch.get_num_threads() // workers``
+    (:class:`~bayes_susc.sampling.executor.ProcessExecutor`, ``torch.get_num_threads() // workers``
     threads each, ``worker_init`` called in each), started before the timing like the
     imports of this process (the start-up is reported as ``ours.workers_start_seconds``);
     the peer always runs in this process with ``torch.get_num_threads()`` threads.
@@ -788,7 +788,7 @@ def main(argv: list[str] | None = None) -> None:
         "--default-allocator",
         action="store_true",
         help="leave glibc malloc's defaults (by default both sides run after "
-        "bayes_susc.allocator.keep_freed_memory(): the process setting the CLI uses)",
+        "bayes_susc.sampling.allocator.keep_freed_memory(): the process setting the CLI uses)",
     )
     parser.add_argument(
         "--workers",

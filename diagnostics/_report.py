@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy import special
 
-from bayes_susc.storage import to_jsonable
+from bayes_susc.storage.draws import to_jsonable
 
 
 def wilson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:

@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 from scipy import special, stats
 
-from bayes_susc.ground_truth import (
+from bayes_susc.checks.ground_truth import (
     LinearGaussianProblem,
     sgld_stationary_cov,
     simulate_sgld,
     torch_local_posterior,
 )
-from bayes_susc.susceptibility import METHODS, estimate
+from bayes_susc.estimation.susceptibility import METHODS, estimate
 from diagnostics._report import md_table, wilson, write_json
 
 DEFAULT_METHOD = "ess_t"

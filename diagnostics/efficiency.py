@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from bayes_susc import sample
-from bayes_susc.exact import sample_nuts
-from bayes_susc.ground_truth import torch_local_posterior
-from bayes_susc.susceptibility import estimate
+from bayes_susc.checks.ground_truth import torch_local_posterior
+from bayes_susc.estimation.susceptibility import estimate
+from bayes_susc.sampling.exact import sample_nuts
 from diagnostics import kernels_exact, kernels_nuts
 from diagnostics._report import md_table, study_main
 

@@ -3,7 +3,7 @@
     python -m diagnostics.induction_probes [--quick] [--out DIR] [--seed S]
 
 The shipped demo model has five layer-1 heads with induction scores 0.39-0.74
-(:func:`bayes_susc.models.train_demo.demo_role_scores`); issue 5 asks that the response
+(:func:`bayes_susc.demo.train_demo.demo_role_scores`); issue 5 asks that the response
 matrix's PCA or clustering separates the top ones from the other heads. This study samples
 the heads (the demo's sampler: SGLD, ε = 1e-3, 4 chains × (100 burn-in + 200 draws)) on
 probes where induction is the only way to predict: blocks of 32 random printable bytes
@@ -13,13 +13,13 @@ code/prose windows, and reports per head
 - data-set susceptibilities (:func:`bayes_susc.estimate` with ``groups``, each with its
   interval): χ of the first and of the second copy of the repeated blocks, and of the
   natural windows;
-- PCA margins (:func:`bayes_susc.report.induction_separation`) of the top 1-4 induction
+- PCA margins (:func:`bayes_susc.report.html.induction_separation`) of the top 1-4 induction
   heads on the per-token matrix, with and without row centring.
 
 Each setting varies one thing: ``nbeta`` (30 = the demo's default; larger values sharpen the
 posterior) and the data the posterior and φ are built on: ``natural`` (the demo's code+prose
 windows) or ``training`` (the model's own training distribution, a quarter of each batch a
-repeated random block, :func:`bayes_susc.models.train_demo.training_batch`). An induction
+repeated random block, :func:`bayes_susc.demo.train_demo.training_batch`). An induction
 head that *expresses* induction tokens would show χ(second copy) well below χ(first copy).
 Further settings sample groups of layer-1 heads jointly (:data:`JOINT_HEADS`), in case the
 induction work is shared among them; split :data:`PROBED_HEADS` into their QK circuit
@@ -81,9 +81,9 @@ BLOCK = 32  # tokens per random block; windows are two copies (64 = the model's 
 def _data(posterior_data: str, n_natural: int, n_repeat: int, seed: int) -> dict[str, Any]:
     """Training batches, evaluation set and probes (natural windows, then repeated blocks)
     with probe coordinates ``dataset`` and ``position``."""
-    from bayes_susc.demo import DemoSettings, demo_data
-    from bayes_susc.head_roles import repeated_random_tokens
-    from bayes_susc.models.train_demo import ROLE_VOCAB, TrainRecipe, training_batch
+    from bayes_susc.checks.head_roles import repeated_random_tokens
+    from bayes_susc.demo.preset import DemoSettings, demo_data
+    from bayes_susc.demo.train_demo import ROLE_VOCAB, TrainRecipe, training_batch
 
     s = DemoSettings()
     d = demo_data(s)
@@ -126,7 +126,7 @@ def _model():
     scores over ``component``."""
     import tempfile
 
-    from bayes_susc.demo import DemoSettings, demo_head_roles, trained_demo_model
+    from bayes_susc.demo.preset import DemoSettings, demo_head_roles, trained_demo_model
 
     settings = DemoSettings()
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,8 +138,8 @@ def _sample_groups(model, data, components, nbeta, step_size, quick, seed) -> tu
     """Sample each component; returns (runs, {name: {group: {chi, ci_low, ci_high}}, and
     ``"mean_phi"``: the posterior mean of φ (nats)})."""
     from bayes_susc import LocalPosterior, sample
-    from bayes_susc.models.attn_only import next_token_loss
-    from bayes_susc.susceptibility import estimate
+    from bayes_susc.demo.model import next_token_loss
+    from bayes_susc.estimation.susceptibility import estimate
 
     groups = _groups(data["coords"])
     runs, chi = {}, {}
@@ -184,9 +184,9 @@ def _setting(
     quick: bool,
     seed: int,
 ) -> dict[str, Any]:
-    from bayes_susc.models.attn_only import head_components
-    from bayes_susc.report import induction_separation
-    from bayes_susc.response_matrix import build_response_matrix, pca
+    from bayes_susc.demo.model import head_components
+    from bayes_susc.estimation.response_matrix import build_response_matrix, pca
+    from bayes_susc.report.html import induction_separation
 
     data = _data(posterior_data, 4 if quick else 16, 4 if quick else 16, seed)
     components = [c for c in head_components(model) if heads is None or c.name in heads]
@@ -226,9 +226,9 @@ JOINT_HEADS = {
 
 def joint_component(model, name: str, heads: tuple[str, ...]):
     """One component freeing every entry of the named heads
-    (:func:`~bayes_susc.models.attn_only.head_components`) at once, as boolean masks."""
-    from bayes_susc.architectures import by_mask
-    from bayes_susc.models.attn_only import head_components
+    (:func:`~bayes_susc.demo.model.head_components`) at once, as boolean masks."""
+    from bayes_susc.demo.model import head_components
+    from bayes_susc.target.architectures import by_mask
 
     by_name = {c.name: c for c in head_components(model)}
     params = dict(model.named_parameters())
@@ -269,9 +269,9 @@ STRONG_GAMMA = 3000.0
 def circuit_components(model, heads: tuple[str, ...]) -> list:
     """The parts of :data:`CIRCUITS` of each named head as components ``<head>.<part>``
     (e.g. ``<head>.QK``: its slices of W_Q, W_K, b_Q, b_K), in that order: the head's
-    component of :func:`~bayes_susc.models.attn_only.head_components` split by parameter."""
+    component of :func:`~bayes_susc.demo.model.head_components` split by parameter."""
     from bayes_susc import Component
-    from bayes_susc.models.attn_only import head_components
+    from bayes_susc.demo.model import head_components
 
     by_name = {c.name: c for c in head_components(model)}
     out = []
@@ -288,7 +288,7 @@ def _circuit_settings(model, quick: bool, seed: int) -> dict[str, Any]:
     the whole probed heads at γ = :data:`STRONG_GAMMA`."""
     import dataclasses
 
-    from bayes_susc.models.attn_only import head_components
+    from bayes_susc.demo.model import head_components
 
     heads = PROBED_HEADS[:1] if quick else PROBED_HEADS
     data = _data("natural", 4 if quick else 16, 4 if quick else 16, seed)

@@ -11,7 +11,7 @@ condition number of K = nβ·H_S + γI is 4–13 (at γ = 300 it is ≈ 1.1–2 
 looks alike). δ = v − v* is exactly N(0, Σ), Σ = K⁻¹, and χ is the closed form
 ``problem.chi(cov)``.
 
-Kernels and their own stationary laws (``bayes_susc.ground_truth``):
+Kernels and their own stationary laws (``bayes_susc.checks.ground_truth``):
 
 - ``sgld``: S = (K − εK²/4)⁻¹; step h = ε·λmax.
 - ``psgld`` with a frozen preconditioner (α = 1 − 1e-12, λ = 1, V stays at 1, so
@@ -49,16 +49,16 @@ import numpy as np
 import torch
 
 from bayes_susc import sample
-from bayes_susc.convergence import mcse_mean
-from bayes_susc.ground_truth import (
+from bayes_susc.checks.ground_truth import (
     LinearGaussianProblem,
     preconditioned_sgld_stationary_cov,
     sghmc_stationary_cov,
     sgld_stationary_cov,
     torch_local_posterior,
 )
-from bayes_susc.sampling import DivergenceWarning
-from bayes_susc.susceptibility import estimate
+from bayes_susc.estimation.convergence import mcse_mean
+from bayes_susc.estimation.susceptibility import estimate
+from bayes_susc.sampling.driver import DivergenceWarning
 from diagnostics._report import md_table, study_main
 
 GAMMA = 10.0
@@ -396,7 +396,7 @@ def _report(results: dict[str, Any]) -> str:
         "Against the continuous posterior Σ every SG kernel carries a step-size bias that "
         "grows with ε (plot below; the own-law columns show it is the discretisation bias "
         "the closed forms predict, not an implementation error). For unbiased χ at a given "
-        "ε use MALA, or extrapolate (`bayes_susc.step_size_bias`).",
+        "ε use MALA, or extrapolate (`bayes_susc.checks.step_size_bias`).",
         "",
         "## Method",
         "",

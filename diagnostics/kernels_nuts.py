@@ -14,7 +14,7 @@ likelihood, not by the Gaussian prior (at the literature defaults nβ = 30, γ =
 prior dominates every direction and NUTS would compare kernels on a Gaussian). The
 report gives the Hessian's spectrum and how many of its eigenvalues exceed 2γ.
 
-Reference: ``bayes_susc.exact.sample_nuts`` (Pyro NUTS, full batch, adaptive step and
+Reference: ``bayes_susc.sampling.exact.sample_nuts`` (Pyro NUTS, full batch, adaptive step and
 diagonal mass matrix). SG kernels use minibatches of 64 (4 per epoch) and a step
 scaled to the Hessian's λmax (h = ε·λmax for SGLD, ε·√λmax for SGHMC/SGNHT with
 friction/diffusion √λmax; adaptive pSGLD with α = 0.999 and ε chosen so that
@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from bayes_susc import sample
-from bayes_susc.components import Component
-from bayes_susc.exact import sample_nuts
-from bayes_susc.posterior import LocalPosterior
-from bayes_susc.susceptibility import estimate
+from bayes_susc.estimation.susceptibility import estimate
+from bayes_susc.sampling.exact import sample_nuts
+from bayes_susc.target.components import Component
+from bayes_susc.target.posterior import LocalPosterior
 from diagnostics._report import md_table, study_main
 
 NBETA = 300.0

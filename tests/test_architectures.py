@@ -27,7 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import bayes_susc  # noqa: E402
-from bayes_susc.architectures import (  # noqa: E402
+from bayes_susc.demo.model import (  # noqa: E402
+    AttnOnlyConfig,
+    AttnOnlyTransformer,
+    head_components,
+)
+from bayes_susc.target.architectures import (  # noqa: E402
     attention_heads,
     by_mask,
     by_parameters,
@@ -38,11 +43,6 @@ from bayes_susc.architectures import (  # noqa: E402
     mlps,
     parameter_components,
     unembedding,
-)
-from bayes_susc.models.attn_only import (  # noqa: E402
-    AttnOnlyConfig,
-    AttnOnlyTransformer,
-    head_components,
 )
 
 N_LAYERS, N_HEADS, N_KV, D_MODEL, D_HEAD, VOCAB, CTX = 2, 4, 2, 32, 8, 50, 16
@@ -537,8 +537,8 @@ def test_user_defined_sets_on_a_plain_module():
 
 def test_library_imports_without_model_packages():
     code = (
-        "import sys, bayes_susc, bayes_susc.architectures as a\n"
-        "from bayes_susc.models.attn_only import AttnOnlyTransformer\n"
+        "import sys, bayes_susc, bayes_susc.target.architectures as a\n"
+        "from bayes_susc.demo.model import AttnOnlyTransformer\n"
         "a.components(AttnOnlyTransformer(generator=0))\n"
         "assert 'transformers' not in sys.modules and 'transformer_lens' not in sys.modules\n"
     )

@@ -72,7 +72,7 @@ def test_our_side_on_two_workers_gives_the_in_process_matrix(tmp_path):
     """`--workers 2`: the same response matrix as our in-process side, bit for bit."""
     import xarray as xr
 
-    from bayes_susc.executor import ProcessExecutor
+    from bayes_susc.sampling.executor import ProcessExecutor
     from benchmarks.vs_devinterp import make_problem, run_ours
 
     cfg = dataclasses.replace(tiny_config(), num_draws=20, heads=("L0H0", "L0H1"))

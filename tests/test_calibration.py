@@ -16,27 +16,27 @@ import pandas as pd
 import pytest
 import torch
 
-from bayes_susc.calibration import (
+from bayes_susc.checks.calibration import (
     LITERATURE_DEFAULTS,
     CalibrationResult,
     Setting,
     _recommend,
     calibrate,
 )
-from bayes_susc.components import Component
-from bayes_susc.ground_truth import (
+from bayes_susc.checks.ground_truth import (
     LinearGaussianProblem,
     sgld_stationary_cov,
     torch_local_posterior,
 )
-from bayes_susc.models.attn_only import (
+from bayes_susc.demo.model import (
     AttnOnlyConfig,
     AttnOnlyTransformer,
     head_components,
     next_token_loss,
 )
-from bayes_susc.sampling import sample
-from bayes_susc.susceptibility import estimate
+from bayes_susc.estimation.susceptibility import estimate
+from bayes_susc.sampling.driver import sample
+from bayes_susc.target.components import Component
 
 STEP_SIZES = (1e-4, 1e-3, 1e-2)
 GAMMAS = (300.0, 1000.0)
@@ -379,7 +379,7 @@ def test_duplicate_component_names_raise(pieces):
 
 # ------------------------------------------------------------------------ command line
 FACTORY = """
-from bayes_susc.ground_truth import LinearGaussianProblem, torch_local_posterior
+from bayes_susc.checks.ground_truth import LinearGaussianProblem, torch_local_posterior
 
 
 def inputs(seed=0):
@@ -397,8 +397,8 @@ def inputs(seed=0):
 """
 
 
-def test_calibrate_command_writes_results(tmp_path, monkeypatch):
-    from bayes_susc.calibration import calibrate_command
+def test_calibrate_from_config_writes_results(tmp_path, monkeypatch):
+    from bayes_susc.checks.calibration import calibrate_from_config
 
     (tmp_path / "calib_factory.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -410,7 +410,7 @@ def test_calibrate_command_writes_results(tmp_path, monkeypatch):
         "[calibrate]\nstep_sizes = [1e-3, 1e-2]\ngammas = [300.0]\n"
         "num_draws = 40\nnum_burnin = 10\n"
     )
-    res = calibrate_command(config, out=None, component=None, progress=False)
+    res, _, _ = calibrate_from_config(config)
     assert res.recommended.step_size == 1e-3
     for name in ("calibration.json", "calibration.csv", "summary.txt", "traces_S.png"):
         assert (tmp_path / "out" / name).is_file()
@@ -424,3 +424,179 @@ def test_calibrate_command_writes_results(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "recommended" in result.output
     assert (tmp_path / "cli_out" / "calibration.json").is_file()
+
+
+# ------------------------------------------------------------- config checks (issue 17)
+# A factory that leaves a mark when called: a config check that passes it by would let the
+# sweep start, so every bad config below must fail with the mark absent.
+SPY_FACTORY = """
+from pathlib import Path
+
+
+def inputs(seed=0):
+    Path(__file__).with_name("factory_called").write_text("called")
+    raise RuntimeError("the factory ran: the config was not checked first")
+"""
+
+
+def _spy_config(tmp_path, monkeypatch, text: str):
+    """A config whose factory is the spy module in ``tmp_path``; ``text`` follows its
+    ``factory`` line."""
+    import sys
+
+    (tmp_path / "calib_spy.py").write_text(SPY_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # Each test imports its own copy, so the mark lands in its own tmp_path.
+    monkeypatch.delitem(sys.modules, "calib_spy", raising=False)
+    config = tmp_path / "calibrate.toml"
+    config.write_text('factory = "calib_spy:inputs"\n' + text)
+    return config
+
+
+def test_config_typo_key_fails_before_the_factory(tmp_path, monkeypatch):
+    from bayes_susc.checks.calibration import CalibrationConfigError, calibrate_from_config
+
+    config = _spy_config(tmp_path, monkeypatch, "[calibrate]\nstepsizes = [1e-3, 1e-2]\n")
+    with pytest.raises(CalibrationConfigError, match="unknown key 'stepsizes' in \\[calibrate\\]"):
+        calibrate_from_config(config, out=tmp_path / "out")
+    with pytest.raises(ValueError) as info:  # still a ValueError for callers that catch those
+        calibrate_from_config(config, out=tmp_path / "out")
+    message = str(info.value)
+    assert "allowed keys" in message
+    for key in ("step_sizes", "nbetas", "gammas", "num_draws", "health_kwargs"):
+        assert repr(key) in message.split("allowed keys")[1]
+    assert "did you mean 'step_sizes'" in message
+    assert not (tmp_path / "factory_called").exists()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (
+            '[calibrate]\nnum_draws = "40"\n',
+            r"\[calibrate\.num_draws\] must be an integer, got '40'",
+        ),
+        ("[calibrate]\nnum_chains = 4.0\n", r"\[calibrate\.num_chains\] must be an integer"),
+        ("[calibrate]\nstep_sizes = 1e-3\n", r"\[calibrate\.step_sizes\] must be a list of num"),
+        ('[calibrate]\ngammas = [300.0, "1e3"]\n', r"\[calibrate\.gammas\] must be a list of num"),
+        ('[calibrate]\nmala_check = "yes"\n', r"\[calibrate\.mala_check\] must be true or false"),
+        ('[calibrate]\nkernel = "sgldd"\n', r"\[calibrate\.kernel\] must be a registered kernel"),
+        ("[calibrate]\nhealth_kwargs = 3\n", r"\[calibrate\.health_kwargs\] must be a table"),
+        (
+            "[calibrate.health_kwargs]\nmin_es = 50.0\n",
+            r"unknown key 'min_es' in \[calibrate\.health_kwargs\]; allowed keys: \[.*'min_ess'",
+        ),
+        ('[calibrate]\nhealth_kwargs = {min_ess = "50"}\n', r"health_kwargs\.min_ess\] must be"),
+        # friction belongs to sghmc, not to the default sgld.
+        ("[calibrate]\nfriction = 10.0\n", r"unknown key 'friction' in \[calibrate\]"),
+        ("[calibrate]\nstep_size = 1e-3\n", r"unknown key 'step_size'.*'step_sizes'"),
+        ("[calibrate]\nprogress = true\n", r"unknown key 'progress'"),
+        # Values calibrate() would reject, caught before the factory too.
+        ("[calibrate]\nnum_draws = 8\n", r"\[calibrate\.num_draws\] must be >= 16, got 8"),
+        ("[calibrate]\nstep_sizes = [1e-3, -1e-3]\n", r"\[calibrate\.step_sizes\]\[1\] must be"),
+        ("[calibrate]\nnbetas = []\n", r"\[calibrate\.nbetas\] must hold at least one value"),
+        ("[calibrate]\nmax_step_bias = 0.0\n", r"\[calibrate\.max_step_bias\] must be > 0"),
+        ('[calibrate]\nkernel = "sghmc"\nfriction = -1.0\n', r"kernel 'sghmc' rejects.*friction"),
+        # The top level.
+        ('outt = "runs/x"\n', r"unknown key 'outt' in the config's top level; allowed keys"),
+        ("out = 3\n", r"'out' must be a string"),
+        ("factory_kwargs = 3\n", r"'factory_kwargs' must be a table"),
+        ("calibrate = [1, 2]\n", r"'calibrate' must be a table"),
+        ("[factory_kwargs]\nsede = 1\n", r"\[factory_kwargs\].*do not fit factory 'calib_spy"),
+    ],
+)
+def test_config_schema_errors_name_the_key(tmp_path, monkeypatch, text, match):
+    from bayes_susc.checks.calibration import CalibrationConfigError, calibrate_from_config
+
+    config = _spy_config(tmp_path, monkeypatch, text)
+    with pytest.raises(CalibrationConfigError, match=match):
+        calibrate_from_config(config, out=tmp_path / "out")
+    assert not (tmp_path / "factory_called").exists()
+
+
+@pytest.mark.parametrize(
+    "factory, match",
+    [
+        ("nocolon", r"'factory' must be \"package\.module:function\", got 'nocolon'"),
+        (":inputs", r"'factory' must be \"package\.module:function\""),
+        ("calib_spy:", r"'factory' must be \"package\.module:function\""),
+        ("no_such_module_xyz:inputs", r"cannot import module 'no_such_module_xyz'"),
+        ("calib_spy:inptus", r"module 'calib_spy' has no attribute 'inptus'; it defines .*inputs"),
+    ],
+)
+def test_config_bad_factory_spec(tmp_path, monkeypatch, factory, match):
+    from bayes_susc.checks.calibration import CalibrationConfigError, calibrate_from_config
+
+    config = _spy_config(tmp_path, monkeypatch, "")
+    config.write_text(f'factory = "{factory}"\n')
+    with pytest.raises(CalibrationConfigError, match=match):
+        calibrate_from_config(config, out=tmp_path / "out")
+    assert not (tmp_path / "factory_called").exists()
+
+
+def test_config_missing_factory_or_file_or_bad_toml(tmp_path):
+    from bayes_susc.checks.calibration import CalibrationConfigError, load_config
+
+    with pytest.raises(CalibrationConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    config = tmp_path / "c.toml"
+    config.write_text('out = "x"\n')
+    with pytest.raises(CalibrationConfigError, match="has no 'factory'"):
+        load_config(config)
+    config.write_text('factory = "m:f\n')
+    with pytest.raises(CalibrationConfigError, match="not valid TOML"):
+        load_config(config)
+    json_config = tmp_path / "c.json"
+    json_config.write_text(json.dumps({"factory": "m:f", "calibrate": {"num_drws": 40}}))
+    with pytest.raises(CalibrationConfigError, match="unknown key 'num_drws'"):
+        load_config(json_config)
+
+
+def test_config_good_configs_pass_the_checks(tmp_path):
+    """The shipped example, a kernel's own hyperparameter, health thresholds and JSON null
+    pass (load_config imports and samples nothing)."""
+    from pathlib import Path
+
+    from bayes_susc.checks.calibration import load_config
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "calibrate_demo.toml"
+    assert load_config(example)["calibrate"]["max_step_bias"] == 0.1
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'factory = "m:f"\n[calibrate]\nkernel = "sghmc"\nfriction = 10.0\n'
+        "[calibrate.health_kwargs]\nmin_ess = 50.0\nspike_vars = ['eval_loss']\n"
+    )
+    assert load_config(config)["calibrate"]["friction"] == 10.0
+    json_config = tmp_path / "c.json"
+    json_config.write_text(json.dumps({"factory": "m:f", "calibrate": {"max_step_bias": None}}))
+    assert load_config(json_config)["calibrate"]["max_step_bias"] is None
+
+
+def test_config_keys_follow_calibrate_signature():
+    """Every keyword of calibrate() a config can express is an allowed [calibrate] key."""
+    import inspect
+
+    from bayes_susc.checks.calibration import _CALIBRATE_SPEC
+
+    not_from_config = {"eval_data", "probe_data", "progress", "callback"}
+    keywords = {
+        name
+        for name, p in inspect.signature(calibrate).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    assert set(_CALIBRATE_SPEC) == keywords - not_from_config
+
+
+def test_cli_reports_config_error_without_traceback(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from bayes_susc.cli import app
+
+    config = _spy_config(tmp_path, monkeypatch, "[calibrate]\nstepsizes = [1e-3]\n")
+    result = CliRunner().invoke(app, ["calibrate", str(config), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert "error: unknown key 'stepsizes' in [calibrate]" in result.output
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "factory_called").exists()

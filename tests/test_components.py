@@ -11,7 +11,7 @@ import torch
 from torch.func import vmap
 
 from bayes_susc import Component, ResolvedComponent
-from bayes_susc.models.attn_only import AttnOnlyConfig, AttnOnlyTransformer
+from bayes_susc.demo.model import AttnOnlyConfig, AttnOnlyTransformer
 
 TINY = AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, d_head=8, n_ctx=16)
 WQ = "blocks.0.attn.W_Q"  # (2, 16, 8)

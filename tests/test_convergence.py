@@ -16,8 +16,16 @@ import numpy as np
 import pytest
 from scipy import signal, stats
 
-from bayes_susc import convergence
-from bayes_susc.convergence import ess_bulk, ess_mean, ess_tail, mcse_mean, mcse_sd, rhat, summary
+from bayes_susc.estimation import convergence
+from bayes_susc.estimation.convergence import (
+    ess_bulk,
+    ess_mean,
+    ess_tail,
+    mcse_mean,
+    mcse_sd,
+    rhat,
+    summary,
+)
 
 RTOL = 1e-6
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bayes_susc.susceptibility import estimate
+from bayes_susc.estimation.susceptibility import estimate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # diagnostics/ is not installed
 from diagnostics import coverage  # noqa: E402

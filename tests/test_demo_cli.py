@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from bayes_susc import get_group, load
 from bayes_susc.cli import app
-from bayes_susc.demo import DEMO_CHECKPOINT
-from bayes_susc.response_matrix import load_response_matrix
+from bayes_susc.demo.preset import DEMO_CHECKPOINT
+from bayes_susc.estimation.response_matrix import load_response_matrix
 
 
 def test_demo_quick_writes_results_and_resumes(tmp_path):
@@ -55,7 +55,14 @@ def test_demo_quick_writes_results_and_resumes(tmp_path):
     again = runner.invoke(app, ["demo", "--out", str(tmp_path), "--quick", "--no-progress"])
     assert again.exit_code == 0, again.output
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # resumed, nothing recomputed
-    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    resumed = json.loads((tmp_path / "summary.json").read_text())
+    # The resume reused all four heads and says so; every other figure is the same.
+    heads = ["L0H0", "L0H1", "L1H0", "L1H1"]
+    assert resumed.pop("computed_this_run") == [] and summary.pop("computed_this_run") == heads
+    assert resumed.pop("reused") == heads and summary.pop("reused") == []
+    assert resumed == summary
+    assert "reusing 4 finished components of 4" in again.output
+    assert "sampled now: 0, reused from the run folder: 4" in again.output
 
 
 # The subprocesses run single-threaded: float reductions then do not depend on how many
@@ -147,7 +154,7 @@ def test_killed_demo_resumes_to_the_uninterrupted_result(tmp_path):
 def test_demo_on_two_worker_processes_equals_the_in_process_run(tmp_path):
     """`--workers 2`: the heads run side by side on worker processes (one thread each)
     and give the in-process single-threaded run's results, bit for bit."""
-    from bayes_susc.demo import DemoSettings, run_demo
+    from bayes_susc.demo.preset import DemoSettings, run_demo
 
     workers_dir, local_dir = tmp_path / "workers", tmp_path / "local"
     result = CliRunner().invoke(

@@ -1,4 +1,4 @@
-"""The shipped demo checkpoint (bayes_susc/models/demo_model.safetensors) and its training
+"""The shipped demo checkpoint (bayes_susc/demo/demo_model.safetensors) and its training
 script: config, documented head-role figures, and the training batches."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bayes_susc.demo import DEMO_CHECKPOINT
-from bayes_susc.models.attn_only import AttnOnlyTransformer, next_token_loss
-from bayes_susc.models.corpus import corpus_bytes, mixed_corpus
-from bayes_susc.models.train_demo import (
+from bayes_susc.demo.corpus import corpus_bytes, mixed_corpus
+from bayes_susc.demo.model import AttnOnlyTransformer, next_token_loss
+from bayes_susc.demo.preset import DEMO_CHECKPOINT
+from bayes_susc.demo.train_demo import (
     ROLE_VOCAB,
     TrainRecipe,
     demo_config,
@@ -139,11 +139,11 @@ def test_pca_of_the_response_matrix_separates_the_induction_heads(roles, shipped
     At this budget the PCA separates the layer that holds the induction heads, not the
     induction heads within it.
     """
-    from bayes_susc.models.attn_only import head_components
-    from bayes_susc.posterior import LocalPosterior
-    from bayes_susc.report import induction_separation
-    from bayes_susc.response_matrix import build_response_matrix, pca
-    from bayes_susc.sampling import sample
+    from bayes_susc.demo.model import head_components
+    from bayes_susc.estimation.response_matrix import build_response_matrix, pca
+    from bayes_susc.report.html import induction_separation
+    from bayes_susc.sampling.driver import sample
+    from bayes_susc.target.posterior import LocalPosterior
 
     ind = roles["induction"]
     top2 = [str(c) for c in ind["component"].values[np.argsort(-ind.values)[:2]]]
@@ -182,7 +182,7 @@ def test_pca_of_the_response_matrix_separates_the_induction_heads(roles, shipped
 
 
 def test_demo_copies_the_shipped_model_and_checks_settings(tmp_path):
-    from bayes_susc.demo import DemoSettings, run_demo, trained_demo_model
+    from bayes_susc.demo.preset import DemoSettings, run_demo, trained_demo_model
 
     model = trained_demo_model(tmp_path / "run", DemoSettings())
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == DEMO_CHECKPOINT.read_bytes()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from bayes_susc import get_group, sample
-from bayes_susc.exact import sample_nuts
-from bayes_susc.ground_truth import LinearGaussianProblem, torch_local_posterior
-from bayes_susc.susceptibility import estimate
+from bayes_susc.checks.ground_truth import LinearGaussianProblem, torch_local_posterior
+from bayes_susc.estimation.susceptibility import estimate
+from bayes_susc.sampling.exact import sample_nuts
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,9 @@ import torch
 import xarray as xr
 
 from bayes_susc import Component, DivergenceWarning, LocalPosterior, get_group, load, sample, save
-from bayes_susc.executor import (
+from bayes_susc.demo.model import AttnOnlyConfig, AttnOnlyTransformer, next_token_loss
+from bayes_susc.pipeline.config import ConfigError, prepare, run_from_config, spec_from_config
+from bayes_susc.sampling.executor import (
     LocalExecutor,
     Problem,
     ProcessExecutor,
@@ -44,9 +46,7 @@ from bayes_susc.executor import (
     plan_jobs,
     sample_components,
 )
-from bayes_susc.models.attn_only import AttnOnlyConfig, AttnOnlyTransformer, next_token_loss
-from bayes_susc.run_config import ConfigError, _executor, prepare, run_from_config
-from bayes_susc.storage import group_names
+from bayes_susc.storage.draws import group_names
 
 TINY = AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, d_head=8, n_ctx=16)
 WQ = "blocks.0.attn.W_Q"
@@ -307,7 +307,7 @@ def test_bad_input_fails_before_any_job(args, kwargs, error, match):
 
 
 def test_bad_problem_fails_before_any_job():
-    with pytest.raises(TypeError, match="must return a bayes_susc.executor.Problem"):
+    with pytest.raises(TypeError, match="must return a bayes_susc.sampling.executor.Problem"):
         sample_components(_not_a_problem, LINEAR_COMPONENTS, executor=NeverRun())
     with pytest.raises(TypeError, match="problem must be a Problem or a zero-argument"):
         sample_components("problem.pt", LINEAR_COMPONENTS, executor=NeverRun())
@@ -353,7 +353,7 @@ def _worker_state(shared: list, job: int) -> tuple[int, int, int]:
 
 
 def _allocator_setting(shared, job):
-    from bayes_susc.allocator import applied_top_pad
+    from bayes_susc.sampling.allocator import applied_top_pad
 
     return applied_top_pad()
 
@@ -414,7 +414,7 @@ def test_process_executor_rejects_bad_settings(kwargs, error, match):
 
 
 def test_workers_take_the_allocator_setting_of_their_parent(monkeypatch):
-    from bayes_susc import allocator
+    from bayes_susc.sampling import allocator
 
     monkeypatch.setitem(allocator._APPLIED, "top_pad", None)
     with ProcessExecutor(1) as ex:
@@ -582,7 +582,7 @@ def test_run_config_ray_executor_matches_local(tmp_path, ray_cluster, monkeypatc
     p = prepare(EXAMPLES / "custom_factory.toml", overrides=ray_run)
     assert p.fingerprint == summary["model"]["fingerprint"]
     assert p.python_path == [EXAMPLES.resolve()]
-    ex = _executor(p.config["run"], p.python_path)
+    ex = spec_from_config(p).execution.make_executor()
     assert isinstance(ex, RayExecutor) and ex.address is None
     assert ex.runtime_env == {"env_vars": {"PYTHONPATH": str(EXAMPLES.resolve())}}
     problem, kw = _config_problem(p)
@@ -608,7 +608,7 @@ def test_run_config_process_executor_matches_local(tmp_path):
     )
     assert summary["computed_this_run"] == ["hidden", "readout"]
     p = prepare(EXAMPLES / "custom_factory.toml", overrides=overrides)
-    ex = _executor(p.config["run"], p.python_path)
+    ex = spec_from_config(p).execution.make_executor()
     assert isinstance(ex, ProcessExecutor) and (ex.workers, ex.threads_per_worker) == (2, 1)
     problem, kw = _config_problem(p)
     same_jobs = sample_components(problem, p.components, chains_per_job=1, **kw)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bayes_susc.ground_truth import (
+from bayes_susc.checks.ground_truth import (
     LinearGaussianProblem,
     preconditioned_sgld_stationary_cov,
     quad_cov,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayes_susc.head_roles import (
+from bayes_susc.checks.head_roles import (
     ROLE_SCORES,
     duplicate_token_score,
     first_token_score,
@@ -16,7 +16,7 @@ from bayes_susc.head_roles import (
     repeated_random_tokens,
     self_score,
 )
-from bayes_susc.models.attn_only import AttnOnlyConfig, AttnOnlyTransformer, head_components
+from bayes_susc.demo.model import AttnOnlyConfig, AttnOnlyTransformer, head_components
 
 L = 8  # block length; sequences are 2L long
 N = 2 * L

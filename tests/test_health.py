@@ -1,4 +1,4 @@
-"""Trace health checks (bayes_susc.health): a healthy run passes every check, and each
+"""Trace health checks (bayes_susc.checks.health): a healthy run passes every check, and each
 planted failure is flagged by the check meant for it, with the action it suggests.
 
 Targets: the linear–Gaussian model of DESIGN.md §5 (exact Gaussian posterior, full batch)
@@ -17,16 +17,16 @@ import xarray as xr
 
 import bayes_susc
 from bayes_susc import DivergenceWarning
-from bayes_susc.ground_truth import LinearGaussianProblem, torch_local_posterior
-from bayes_susc.health import (
+from bayes_susc.checks.ground_truth import LinearGaussianProblem, torch_local_posterior
+from bayes_susc.checks.health import (
     HealthReport,
     check_health,
     check_mala_acceptance,
     check_run_health,
     mala_acceptance,
 )
-from bayes_susc.posterior import LocalPosterior
-from bayes_susc.storage import make_inference_data
+from bayes_susc.storage.draws import make_inference_data
+from bayes_susc.target.posterior import LocalPosterior
 
 
 def _t(a: np.ndarray) -> torch.Tensor:

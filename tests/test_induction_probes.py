@@ -61,8 +61,8 @@ def test_quick_study_writes_a_report(tmp_path):
 
 
 def test_joint_component_is_the_union_of_its_heads():
-    from bayes_susc.models.attn_only import AttnOnlyTransformer, head_components
-    from bayes_susc.models.train_demo import demo_config
+    from bayes_susc.demo.model import AttnOnlyTransformer, head_components
+    from bayes_susc.demo.train_demo import demo_config
 
     model = AttnOnlyTransformer(demo_config(), generator=0)
     by_name = {c.name: c.resolve(model) for c in head_components(model)}
@@ -76,8 +76,8 @@ def test_joint_component_is_the_union_of_its_heads():
 
 def test_circuits_partition_their_head():
     """QK and OV of a head are disjoint and together free exactly the head's entries."""
-    from bayes_susc.models.attn_only import AttnOnlyTransformer, head_components
-    from bayes_susc.models.train_demo import demo_config
+    from bayes_susc.demo.model import AttnOnlyTransformer, head_components
+    from bayes_susc.demo.train_demo import demo_config
 
     model = AttnOnlyTransformer(demo_config(), generator=0)
     heads = {c.name: c.resolve(model) for c in head_components(model)}

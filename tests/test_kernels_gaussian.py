@@ -24,14 +24,14 @@ import pytest
 import torch
 
 import bayes_susc
-from bayes_susc.ground_truth import (
+from bayes_susc.checks.ground_truth import (
     LinearGaussianProblem,
     preconditioned_sgld_stationary_cov,
     sghmc_stationary_cov,
     sgld_stationary_cov,
     torch_local_posterior,
 )
-from bayes_susc.posterior import LocalPosterior
+from bayes_susc.target.posterior import LocalPosterior
 
 N_SE = 4.0  # MCSEs allowed per entry (9 entries per law)
 FAR = 8.0  # |z| that counts as "incompatible"

@@ -10,14 +10,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from bayes_susc.models.attn_only import (
+from bayes_susc.demo.corpus import decode, load_corpus, mixed_corpus
+from bayes_susc.demo.model import (
     AttnOnlyConfig,
     AttnOnlyTransformer,
     attention_patterns,
     next_token_loss,
 )
-from bayes_susc.models.corpus import decode, load_corpus, mixed_corpus
-from bayes_susc.models.train import train
+from bayes_susc.demo.train import train
 
 SMALL = AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32, d_head=8, n_ctx=32)
 

@@ -24,10 +24,10 @@ import torch
 from pyro.infer import MCMC, NUTS
 
 import bayes_susc
-from bayes_susc.components import Component
-from bayes_susc.ground_truth import LinearGaussianProblem, sgld_stationary_cov
-from bayes_susc.posterior import LocalPosterior
-from bayes_susc.pyro_adapter import PyroKernel
+from bayes_susc.checks.ground_truth import LinearGaussianProblem, sgld_stationary_cov
+from bayes_susc.sampling.pyro_adapter import PyroKernel
+from bayes_susc.target.components import Component
+from bayes_susc.target.posterior import LocalPosterior
 
 N_SE = 4.0
 

@@ -15,9 +15,9 @@ from matplotlib.container import BarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from scipy.stats import norm  # noqa: E402
 
-from bayes_susc import plots  # noqa: E402
-from bayes_susc import response_matrix as rm  # noqa: E402
-from bayes_susc.storage import make_inference_data  # noqa: E402
+from bayes_susc.estimation import response_matrix as rm  # noqa: E402
+from bayes_susc.report import plots  # noqa: E402
+from bayes_susc.storage.draws import make_inference_data  # noqa: E402
 
 DIMS = ("probe", "component")
 

@@ -12,9 +12,9 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from bayes_susc.cli import app
-from bayes_susc.demo import DemoSettings, run_demo
-from bayes_susc.report import SECTIONS, induction_separation, write_report
-from bayes_susc.response_matrix import load_response_matrix, save_response_matrix
+from bayes_susc.demo.preset import DemoSettings, run_demo
+from bayes_susc.estimation.response_matrix import load_response_matrix, save_response_matrix
+from bayes_susc.report.html import SECTIONS, induction_separation, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _IMG = re.compile(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
@@ -54,6 +54,11 @@ def test_token_text_is_escaped(run_dir, tmp_path):
     save_response_matrix(
         matrix.assign_coords(token=("probe", planted)), tmp_path / "response_matrix.nc"
     )
+    # The cluster examples come from the saved PCA (the report recomputes nothing).
+    pca_path = tmp_path / "analyses" / "pca.nc"
+    with xr.open_dataset(pca_path, engine="netcdf4") as f:
+        res = f.load()
+    res.assign_coords(token=("probe", planted)).to_netcdf(pca_path, engine="netcdf4")
     text = write_report(tmp_path).read_text(encoding="utf-8")
     assert "⟦&lt;b&gt;&amp;⟧" in text
     assert "<b>" not in text and "⟦<" not in text
@@ -73,7 +78,7 @@ def test_cli_report_rebuilds_identically(run_dir):
 
 def test_cli_report_without_results(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no response_matrix.nc" in result.output
     with pytest.raises(FileNotFoundError, match="no response_matrix.nc"):
         write_report(tmp_path)
@@ -104,7 +109,7 @@ def test_report_opens_in_headless_chromium(run_dir, tmp_path):
     pytest.importorskip("playwright", reason="pip install playwright")
     from pathlib import Path
 
-    from bayes_susc.report import open_in_browser
+    from bayes_susc.report.html import open_in_browser
 
     if not Path("/usr/bin/chromium").is_file():
         pytest.skip("Debian chromium is not installed (apt-get install chromium)")

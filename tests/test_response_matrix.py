@@ -13,8 +13,8 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score
 from statsmodels.stats.multitest import multipletests
 
-from bayes_susc import response_matrix as rm
-from bayes_susc.response_matrix import STATUS_REASONS
+from bayes_susc.estimation import response_matrix as rm
+from bayes_susc.estimation.response_matrix import STATUS_REASONS
 
 DIMS = ("probe", "component")
 pytestmark = pytest.mark.filterwarnings(
@@ -186,7 +186,7 @@ def test_matrix_validation():
 
 
 def test_build_response_matrix_calls_estimate_many(monkeypatch):
-    import bayes_susc.susceptibility as susc
+    import bayes_susc.estimation.susceptibility as susc
 
     seen = {}
 

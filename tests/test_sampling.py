@@ -29,6 +29,7 @@ from bayes_susc import (
     sample,
     save,
 )
+from bayes_susc.demo.model import AttnOnlyConfig, AttnOnlyTransformer, next_token_loss
 from bayes_susc.kernels import (
     SGLD,
     available_kernels,
@@ -36,9 +37,8 @@ from bayes_susc.kernels import (
     make_kernel,
     unregister_kernel,
 )
-from bayes_susc.models.attn_only import AttnOnlyConfig, AttnOnlyTransformer, next_token_loss
-from bayes_susc.sampling import chain_seeds
-from bayes_susc.storage import group_names, make_inference_data
+from bayes_susc.sampling.driver import chain_seeds
+from bayes_susc.storage.draws import group_names, make_inference_data
 
 KERNELS = ["sgld", "psgld", "sghmc", "sgnht", "mala"]
 TINY = AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, d_head=8, n_ctx=16)

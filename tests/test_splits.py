@@ -1,4 +1,4 @@
-"""The shared-prefix path (``bayes_susc.splits``) computes what the plain per-replica
+"""The shared-prefix path (``bayes_susc.target.splits``) computes what the plain per-replica
 path computes: the same per-item losses and gradients to float tolerance, and the same
 draws for the same seed. Tolerances: float32 rounding of differently ordered sums,
 ~1e-6 on losses of order 5 nats; gradients of order 50 agree to ~1e-5."""
@@ -11,14 +11,20 @@ import pytest
 import torch
 
 from bayes_susc import LocalPosterior, sample
-from bayes_susc.components import Component
-from bayes_susc.models.attn_only import (
+from bayes_susc.demo.model import (
     AttnOnlyConfig,
     AttnOnlyTransformer,
     head_components,
     next_token_loss,
 )
-from bayes_susc.splits import ForwardSplit, find_split, head_of, register_split, unregister_split
+from bayes_susc.target.components import Component
+from bayes_susc.target.splits import (
+    ForwardSplit,
+    find_split,
+    head_of,
+    register_split,
+    unregister_split,
+)
 
 
 def _model(layernorm: bool = True) -> AttnOnlyTransformer:
@@ -245,7 +251,7 @@ def _tl_model(attn_only: bool, norm: str, seed: int):
 
 
 def _assert_split_matches_plain(model, component, tokens, name, atol_loss, atol_grad):
-    from bayes_susc.run_config import causal_lm_loss
+    from bayes_susc.pipeline.config import causal_lm_loss
 
     fast = LocalPosterior(model, causal_lm_loss, [tokens], component)
     plain = LocalPosterior(model, causal_lm_loss, [tokens], component, split=None)
@@ -257,7 +263,7 @@ def _assert_split_matches_plain(model, component, tokens, name, atol_loss, atol_
 
 @pytest.mark.parametrize(("attn_only", "norm"), [(True, "LN"), (False, "LN"), (True, "LNPre")])
 def test_transformer_lens_head_split_matches_plain(attn_only, norm):
-    from bayes_susc.architectures import attention_heads
+    from bayes_susc.target.architectures import attention_heads
 
     model = _tl_model(attn_only, norm, seed=0)
     tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -265,7 +271,7 @@ def test_transformer_lens_head_split_matches_plain(attn_only, norm):
         _assert_split_matches_plain(model, component, tokens, "transformer_lens_head", 1e-5, 1e-4)
     # Low-rank readout above the head only where nothing but a norm and a linear map
     # follows it (not an MLP).
-    from bayes_susc.splits import find_split
+    from bayes_susc.target.splits import find_split
 
     split = find_split(model, attention_heads(model)[0].resolve(model))
     assert (split.readout is not None) == attn_only
@@ -275,7 +281,7 @@ def test_transformer_lens_head_split_matches_plain(attn_only, norm):
 def test_transformer_lens_replica_forward_matches_plain(norm):
     """Components other than single heads (all weights; two heads; an embedding) of an
     attention-only TransformerLens model take the replica-batched forward."""
-    from bayes_susc.architectures import by_regex
+    from bayes_susc.target.architectures import by_regex
 
     model = _tl_model(True, norm, seed=1)
     tokens = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -337,7 +343,7 @@ def test_layer_above_starts_from_the_prefix_of_the_layer_below(model_kind):
     shared prefix of layer 0 when that holds the batch (then only the layer-0 MLP, if
     any, runs): the embedding is not run again, and the prefix is bit-identical to the
     one computed from the tokens."""
-    from bayes_susc.architectures import attention_heads
+    from bayes_susc.target.architectures import attention_heads
 
     if model_kind == "attn_only":
         model, tokens = _model(), _tokens(3, 1)

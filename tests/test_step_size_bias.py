@@ -6,20 +6,20 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from bayes_susc.ground_truth import (
+from bayes_susc.checks.ground_truth import (
     LinearGaussianProblem,
     sgld_stationary_cov,
     simulate_sgld,
     torch_local_posterior,
 )
-from bayes_susc.step_size_bias import (
+from bayes_susc.checks.step_size_bias import (
     extrapolate,
     richardson_weights,
     sgld_variance_inflation,
     step_size_study,
     stiffest_curvature,
 )
-from bayes_susc.susceptibility import estimate
+from bayes_susc.estimation.susceptibility import estimate
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +162,9 @@ def test_variance_inflation_is_exact_along_the_stiffest_direction(problem):
 
 
 def test_attach_bias_flags_entries_in_the_response_matrix(problem):
-    from bayes_susc.response_matrix import assign_status
-    from bayes_susc.step_size_bias import attach_bias
-    from bayes_susc.susceptibility import estimate_many
+    from bayes_susc.checks.step_size_bias import attach_bias
+    from bayes_susc.estimation.response_matrix import assign_status
+    from bayes_susc.estimation.susceptibility import estimate_many
 
     rng = np.random.default_rng(11)
     eps = 1e-3

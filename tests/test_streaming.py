@@ -13,23 +13,23 @@ import xarray as xr
 from xarray.backends.zarr import ZarrArrayWrapper
 
 from bayes_susc import LocalPosterior, get_group, sample
-from bayes_susc.ground_truth import LinearGaussianProblem, torch_local_posterior
-from bayes_susc.kernels import SGLD
-from bayes_susc.models.attn_only import (
+from bayes_susc.checks.ground_truth import LinearGaussianProblem, torch_local_posterior
+from bayes_susc.demo.model import (
     AttnOnlyConfig,
     AttnOnlyTransformer,
     head_components,
     next_token_loss,
 )
-from bayes_susc.response_matrix import build_response_matrix
-from bayes_susc.storage import group_names
-from bayes_susc.streaming import (
+from bayes_susc.estimation.response_matrix import build_response_matrix
+from bayes_susc.estimation.susceptibility import estimate, estimate_many, susceptibility
+from bayes_susc.kernels import SGLD
+from bayes_susc.storage.draws import group_names
+from bayes_susc.storage.streaming import (
     IncompleteStoreError,
     default_chunk_draws,
     open_store,
     store_status,
 )
-from bayes_susc.susceptibility import estimate, estimate_many, susceptibility
 
 NUM_PROBE = 23  # not a multiple of the probe_chunk used below: the last block is short
 DRAWS, CHUNK = 11, 4  # 11 draws written as 4 + 4 + 3

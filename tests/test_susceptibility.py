@@ -19,15 +19,11 @@ import pytest
 import xarray as xr
 from scipy import special, stats
 
-from bayes_susc import (
-    DivergenceWarning,
-    convergence,
-    ground_truth,
-    sample,
-)
-from bayes_susc.ground_truth import LinearGaussianProblem, sgld_stationary_cov
-from bayes_susc.storage import make_inference_data
-from bayes_susc.susceptibility import (
+from bayes_susc import DivergenceWarning, sample
+from bayes_susc.checks import ground_truth
+from bayes_susc.checks.ground_truth import LinearGaussianProblem, sgld_stationary_cov
+from bayes_susc.estimation import convergence
+from bayes_susc.estimation.susceptibility import (
     METHODS,
     estimate,
     estimate_many,
@@ -38,6 +34,7 @@ from bayes_susc.susceptibility import (
     resampled_chi,
     susceptibility,
 )
+from bayes_susc.storage.draws import make_inference_data
 
 # Seed 7 gives 8 probe items whose posterior χ are all at least 17% of the largest in
 # size, so per-entry relative errors are meaningful (with seed 1 one χ is ~0).

@@ -63,12 +63,12 @@ import numpy as np
 import pandas as pd
 
 import bayes_susc
-from bayes_susc.ground_truth import LinearGaussianProblem, torch_local_posterior
-from bayes_susc.health import check_health
-from bayes_susc.plots import trace
-from bayes_susc.response_matrix import assign_status
-from bayes_susc.step_size_bias import sgld_variance_inflation
-from bayes_susc.susceptibility import estimate, estimate_many
+from bayes_susc.checks.ground_truth import LinearGaussianProblem, torch_local_posterior
+from bayes_susc.checks.health import check_health
+from bayes_susc.checks.step_size_bias import sgld_variance_inflation
+from bayes_susc.estimation.response_matrix import assign_status
+from bayes_susc.estimation.susceptibility import estimate, estimate_many
+from bayes_susc.report.plots import trace
 
 FAST = os.environ.get("BAYES_SUSC_FAST", "") not in ("", "0")
 NUM_CHAINS = 4
@@ -198,7 +198,7 @@ print(f"95% intervals covering the chain's exact chi: {covered.sum()} of {covere
 # stops covering the posterior value (at full size, 2000 draws per chain, the gap is
 # several SE for some items; the fast test run is too short to see it). The remedy
 # is a smaller ε, or runs at ε, ε/2 (and ε/4) combined by Richardson extrapolation
-# (`bayes_susc.step_size_bias.step_size_study` / `extrapolate`), which cancels the
+# (`bayes_susc.checks.step_size_bias.step_size_study` / `extrapolate`), which cancels the
 # first-order term.
 
 # %%
@@ -270,6 +270,6 @@ assert float(data.posterior["phi"].mean()) > 0
 #   training batches and a `Component` (a parameter name or mask), then call
 #   `bayes_susc.sample` exactly as above.
 # * Many components at once: `estimate_many({name: run, ...})` gives the response
-#   matrix with paired resamples across components; `bayes_susc.response_matrix`
+#   matrix with paired resamples across components; `bayes_susc.estimation.response_matrix`
 #   standardizes, runs PCA and clusters it, carrying each entry's status along.
-# * Step-size bias: `bayes_susc.step_size_bias` runs ε, ε/2, ε/4 and extrapolates.
+# * Step-size bias: `bayes_susc.checks.step_size_bias` runs ε, ε/2, ε/4 and extrapolates.

@@ -24,7 +24,7 @@
 #
 # The model is the package's demo: a byte-level attention-only transformer trained on
 # Python standard-library code and `pydoc` prose, shipped with the package as a
-# checkpoint. `bayes_susc.demo.run_demo` samples every head with SGLD (4 chains each),
+# checkpoint. `bayes_susc.demo.preset.run_demo` samples every head with SGLD (4 chains each),
 # evaluates φ and every probe token's loss at each draw, and builds the response matrix
 # with intervals and statuses — the same pipeline as `bayes-susc demo`. Fast mode
 # (`BAYES_SUSC_FAST=1`, the test suite) uses `DemoSettings.quick()`: a few heads, short
@@ -43,15 +43,16 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from bayes_susc import load, plots
-from bayes_susc.demo import DemoSettings, run_demo
-from bayes_susc.response_matrix import (
+from bayes_susc import load
+from bayes_susc.demo.preset import DemoSettings, run_demo
+from bayes_susc.estimation.response_matrix import (
     cluster,
     cluster_examples,
     load_response_matrix,
     pca,
 )
-from bayes_susc.susceptibility import estimate
+from bayes_susc.estimation.susceptibility import estimate
+from bayes_susc.report import plots
 
 FAST = os.environ.get("BAYES_SUSC_FAST", "") not in ("", "0")
 settings = DemoSettings.quick() if FAST else DemoSettings()

@@ -20,13 +20,13 @@
 #
 # 1. **Has the chain converged, and how much information do the draws carry?** R-hat,
 #    bulk and tail effective sample size (ESS), Monte Carlo standard error (MCSE) —
-#    computed by `bayes_susc.convergence` as vectorized array programs, checked here
+#    computed by `bayes_susc.estimation.convergence` as vectorized array programs, checked here
 #    against ArviZ and against closed-form means.
-# 2. **Would I notice a bad run?** The trace health checks of `bayes_susc.health` on a
+# 2. **Would I notice a bad run?** The trace health checks of `bayes_susc.checks.health` on a
 #    healthy run and on three failing settings (a step size past the stability limit,
 #    far too few draws, and a step size that is stable but biased), with the
 #    diagnosis each one gets and the action it suggests.
-# 3. **Which hyperparameters?** A calibration sweep (`bayes_susc.calibration`) that
+# 3. **Which hyperparameters?** A calibration sweep (`bayes_susc.checks.calibration`) that
 #    scores ESS per gradient evaluation and rules out settings whose step-size bias is
 #    too large.
 # 4. **Is the SG answer the right answer?** χ from SGLD and MALA against Pyro's NUTS on a
@@ -52,16 +52,16 @@ import pandas as pd
 import torch
 
 import bayes_susc
-from bayes_susc import convergence
-from bayes_susc.calibration import calibrate
-from bayes_susc.exact import sample_nuts
-from bayes_susc.ground_truth import (
+from bayes_susc.checks.calibration import calibrate
+from bayes_susc.checks.ground_truth import (
     LinearGaussianProblem,
     sgld_stationary_cov,
     torch_local_posterior,
 )
-from bayes_susc.health import check_health
-from bayes_susc.susceptibility import estimate
+from bayes_susc.checks.health import check_health
+from bayes_susc.estimation import convergence
+from bayes_susc.estimation.susceptibility import estimate
+from bayes_susc.sampling.exact import sample_nuts
 
 # diagnostics/ is a folder of the repository, not of the installed package: tutorials
 # run from the repository root (as the tests and make_notebooks.py do).
@@ -140,7 +140,7 @@ print(f"4 chains x {NUM_DRAWS} draws, every 5th step kept")
 # * **MCSE of the mean** is sd / √ESS_mean: the standard error of the posterior mean
 #   estimate. It is what makes "this number is within 4 standard errors" a test.
 #
-# `bayes_susc.convergence` computes these for every entry of a `(chain, draw, *entries)`
+# `bayes_susc.estimation.convergence` computes these for every entry of a `(chain, draw, *entries)`
 # array in one vectorized pass (a response matrix has up to 10⁶ entries; an ArviZ loop
 # takes minutes, see `benchmarks/`). It reproduces ArviZ's numbers: here for φ and the
 # six probe losses.
@@ -217,7 +217,7 @@ assert report.ok
 #   stiffest direction. Trace checks judge whether the *chain* has converged, not
 #   whether it converged to the right law. Step-size bias needs its own check: the
 #   calibration sweep's `max_step_bias` (next section) or
-#   `bayes_susc.step_size_bias.step_size_study` (reruns at ε/2 and extrapolates).
+#   `bayes_susc.checks.step_size_bias.step_size_study` (reruns at ε/2 and extrapolates).
 
 # %%
 failing = {
@@ -321,7 +321,7 @@ plt.show()
 # ## 5. SG kernels against NUTS on a small network
 #
 # Closed forms exist only for linear models. For a nonlinear network the reference is
-# an exact sampler: Pyro's NUTS (`bayes_susc.exact.sample_nuts`: adaptive step size and
+# an exact sampler: Pyro's NUTS (`bayes_susc.sampling.exact.sample_nuts`: adaptive step size and
 # mass matrix, full batch, Metropolis-corrected, so no step-size bias) on the very same
 # potential, with the observables laid out like `bayes_susc.sample`'s output.
 #

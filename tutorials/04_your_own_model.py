@@ -20,7 +20,7 @@
 # 1. a **Hugging Face GPT-2-family model** — here a tiny one built from a local
 #    `transformers.GPT2Config` with random initialization (nothing is downloaded),
 #    briefly trained on a toy copying task;
-# 2. **components**: its attention heads and MLPs from `bayes_susc.architectures`, and a
+# 2. **components**: its attention heads and MLPs from `bayes_susc.target.architectures`, and a
 #    custom boolean mask;
 # 3. **probes**: per-token probes versus probe *data sets*, and why the two agree;
 # 4. a **plain `nn.Module`** with components picked by parameter name, and a
@@ -44,15 +44,15 @@ import transformers
 import xarray as xr
 
 import bayes_susc
-from bayes_susc import architectures
-from bayes_susc.kernels.base import GradFn, NoiseSource, gradient_info
-from bayes_susc.response_matrix import (
+from bayes_susc.estimation.response_matrix import (
     build_response_matrix,
     load_response_matrix,
     save_response_matrix,
 )
-from bayes_susc.run_config import causal_lm_loss
-from bayes_susc.susceptibility import estimate
+from bayes_susc.estimation.susceptibility import estimate
+from bayes_susc.kernels.base import GradFn, NoiseSource, gradient_info
+from bayes_susc.pipeline.config import causal_lm_loss
+from bayes_susc.target import architectures
 
 FAST = os.environ.get("BAYES_SUSC_FAST", "") not in ("", "0")
 # Fast mode keeps the GPT-2 runs short (about 20 ms per step for 4 vectorized chains on
@@ -127,13 +127,13 @@ assert second_half < 0.5 * first_half  # the model has learned to copy, at least
 # %% [markdown]
 # The loss function is the one contract with the library: `loss_fn(model, batch)` must
 # return **unreduced per-item losses** — every element is an item. For a language model
-# an item is one predicted token; `bayes_susc.run_config.causal_lm_loss` computes the
+# an item is one predicted token; `bayes_susc.pipeline.config.causal_lm_loss` computes the
 # next-token cross-entropy for Hugging Face models (it reads `.logits`) and for models
 # that return logits directly. Its output has shape (batch, positions − 1).
 #
 # ## 2. Components
 #
-# `bayes_susc.architectures` knows where each head's weights live in GPT-2's fused
+# `bayes_susc.target.architectures` knows where each head's weights live in GPT-2's fused
 # `c_attn` (columns [Q | K | V]) and `c_proj` (rows per head). A head of width
 # e = d_model / n_head = 16 owns 3·d·e query/key/value weights, 3·e biases and e·d output
 # rows: 3·32·16 + 3·16 + 16·32 = 2,096 entries. An MLP owns all of `mlp.c_fc` and
@@ -375,8 +375,8 @@ print(f"tutorial ran in {time.perf_counter() - T0:.0f} s")
 #
 # * The same model from the command line: `bayes-susc run examples/tiny_gpt2.toml`
 #   describes model, data, components, sampler and estimator in TOML (schema in
-#   `bayes_susc/run_config.py`), resumes finished components and writes a report.
-# * Before a long run, `bayes-susc calibrate` or `bayes_susc.calibration.calibrate`
+#   `bayes_susc/pipeline/config.py`), resumes finished components and writes a report.
+# * Before a long run, `bayes-susc calibrate` or `bayes_susc.checks.calibration.calibrate`
 #   picks ε (tutorial 03).
 # * TransformerLens `HookedTransformer`, GPT-NeoX/Pythia and Llama-family models
 #   (grouped-query attention included) are supported by the same

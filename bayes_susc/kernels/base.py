@@ -16,11 +16,24 @@ full-batch gradient instead. Kernels never touch the model.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from bayes_susc.posterior import GradientResult
+
+class GradientResult(NamedTuple):
+    """Potential and gradient at a batch of positions.
+
+    Attributes:
+        potential: U at each position, shape ``(chains,)``.
+        grad: ∇U, shape ``(chains, dim)``.
+        loss: mean per-item loss of the batch used (nats for log-losses), ``(chains,)``.
+    """
+
+    potential: torch.Tensor
+    grad: torch.Tensor
+    loss: torch.Tensor
+
 
 GradFn = Callable[[torch.Tensor], GradientResult]
 

@@ -69,7 +69,16 @@ class MALA:
         res = grad_fn(position)
         return MALAState(position, res.potential, res.grad, res.loss)
 
-    def step(self, state: MALAState, grad_fn: GradFn, noise: NoiseSource):
+    def propose(
+        self, state: MALAState, grad_fn: GradFn, noise: NoiseSource
+    ) -> tuple[MALAState, torch.Tensor]:
+        """The Langevin proposal from ``state`` and the log Metropolis–Hastings ratio of
+        moving there, ``(chains,)`` (NaN, from a non-finite proposal, becomes −inf).
+
+        Draws one normal vector per chain from ``noise``; :meth:`step` then draws one
+        uniform per chain to accept or reject. The health checks score SGLD moves with
+        this same proposal (:func:`bayes_susc.checks.health.mala_acceptance`).
+        """
         xi = noise.normal(state.position.shape[-1])
         proposal = overdamped_step(state.position, state.grad, self.step_size, xi)
         res = grad_fn(proposal)
@@ -84,14 +93,18 @@ class MALA:
         )
         # A non-finite proposal is rejected rather than allowed to poison the chain.
         log_ratio = torch.nan_to_num(log_ratio, nan=-torch.inf)
+        return MALAState(proposal, res.potential, res.grad, res.loss), log_ratio
+
+    def step(self, state: MALAState, grad_fn: GradFn, noise: NoiseSource):
+        proposed, log_ratio = self.propose(state, grad_fn, noise)
         accept_prob = torch.exp(log_ratio.clamp(max=0.0))
         accepted = noise.uniform() < accept_prob
         keep = accepted.unsqueeze(-1)
         new = MALAState(
-            torch.where(keep, proposal, state.position),
-            torch.where(accepted, res.potential, state.potential),
-            torch.where(keep, res.grad, state.grad),
-            torch.where(accepted, res.loss, state.loss),
+            torch.where(keep, proposed.position, state.position),
+            torch.where(accepted, proposed.potential, state.potential),
+            torch.where(keep, proposed.grad, state.grad),
+            torch.where(accepted, proposed.loss, state.loss),
         )
         info = {"loss": new.loss, "potential": new.potential, "grad_norm": new.grad.norm(dim=-1)}
         info["acceptance_rate"] = accept_prob

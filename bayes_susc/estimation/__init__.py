@@ -1,0 +1,3 @@
+"""Statistics from stored draws (no torch): convergence diagnostics, susceptibilities, the
+response matrix.
+"""

@@ -1,0 +1,3 @@
+"""One run spec into one run folder: checks, sampling, saving, the response matrix and
+analyses.
+"""

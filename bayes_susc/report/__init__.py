@@ -1,0 +1,1 @@
+"""Laying out a run folder: the HTML report and plots."""

@@ -1,0 +1,3 @@
+"""Draws on disk: the InferenceData/DataTree builder and reader, atomic writes, streamed
+stores (no torch).
+"""

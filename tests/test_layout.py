@@ -135,3 +135,26 @@ def test_cli_help_is_plain_text() -> None:
         args = [command, "--help"] if command else ["--help"]
         out = runner.invoke(app, args).output
         assert "``" not in out and ":func:" not in out and ":class:" not in out, command
+
+
+def test_sample_keywords_are_samples_own() -> None:
+    """The executors tell run settings from kernel hyperparameters by this list; it must
+    be exactly sample()'s keywords (besides posterior, kernel and **kernel_kwargs)."""
+    import inspect
+
+    from bayes_susc.sampling.driver import SAMPLE_KEYWORDS, sample
+
+    params = inspect.signature(sample).parameters
+    own = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    assert own - {"posterior", "kernel"} == SAMPLE_KEYWORDS
+
+
+def test_kernel_hyperparameter_names() -> None:
+    from bayes_susc.kernels.base import kernel_hyperparameter_names, make_kernel
+
+    assert kernel_hyperparameter_names("sgld") == ("step_size",)
+    assert kernel_hyperparameter_names("mala") == ("step_size",)
+    for name in ("sghmc", "sgnht", "psgld"):
+        assert set(kernel_hyperparameter_names(name)) == set(make_kernel(name).hyperparameters())
+    with pytest.raises(ValueError, match="unknown kernel 'nope'"):
+        kernel_hyperparameter_names("nope")

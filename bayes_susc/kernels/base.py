@@ -136,6 +136,18 @@ def available_kernels() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def kernel_hyperparameter_names(name: str) -> tuple[str, ...]:
+    """The hyperparameters registered kernel ``name`` takes (its factory's keyword
+    arguments, e.g. ``("step_size",)`` for SGLD), sorted."""
+    import inspect
+
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown kernel {name!r}; registered kernels: {available_kernels()}")
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(sorted(p.name for p in params if p.kind in keyword))
+
+
 def make_kernel(kernel: str | Kernel, **hyperparameters: Any) -> Kernel:
     """A kernel instance from a registered name (and hyperparameters) or an instance."""
     if isinstance(kernel, str):

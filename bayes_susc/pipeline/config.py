@@ -461,7 +461,7 @@ def _check_factory_spec(where: str, spec: str) -> None:
 
 def _kernel_keys(sampling: Any) -> tuple[str, ...]:
     """Hyperparameter names the chosen kernel takes (besides step_size)."""
-    from bayes_susc.kernels.base import available_kernels, make_kernel
+    from bayes_susc.kernels.base import available_kernels, kernel_hyperparameter_names
 
     if not isinstance(sampling, Mapping):
         return ()
@@ -470,13 +470,7 @@ def _kernel_keys(sampling: Any) -> tuple[str, ...]:
         raise ConfigError(
             f"[sampling.kernel] must be a registered kernel {available_kernels()}, got {name!r}"
         )
-    try:
-        names = set(make_kernel(name).hyperparameters())
-    except Exception:  # a user kernel without defaults: read its signature
-        from bayes_susc.kernels import base
-
-        params = inspect.signature(base._REGISTRY[name]).parameters
-        names = set(params)
+    names = set(kernel_hyperparameter_names(name))
     return tuple(sorted(names - set(_SAMPLING)))
 
 

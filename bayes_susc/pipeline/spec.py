@@ -53,8 +53,6 @@ class SamplingSettings:
     chain_method: Literal["vectorized", "sequential"] = "vectorized"
 
     def __post_init__(self) -> None:
-        from bayes_susc.kernels.base import make_kernel
-
         object.__setattr__(self, "hyperparameters", dict(self.hyperparameters))
         check_int("num_chains", self.num_chains, minimum=1)
         check_int("num_draws", self.num_draws, minimum=1)
@@ -74,21 +72,27 @@ class SamplingSettings:
                 f"chain_method must be 'vectorized' or 'sequential', got {self.chain_method!r}"
             )
         try:
-            make_kernel(self.kernel, **self.hyperparameters)
+            self.make_kernel()
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"kernel {self.kernel!r}: {exc}") from None
 
+    def make_kernel(self) -> Any:
+        """The kernel, built from its name and hyperparameters (the one place it is)."""
+        from bayes_susc.kernels.base import make_kernel
+
+        return make_kernel(self.kernel, **self.hyperparameters)
+
     def sample_kwargs(self) -> dict[str, Any]:
-        """Keywords of :func:`bayes_susc.sampling.executor.iter_components` (besides nβ, γ)."""
+        """Keywords of :func:`bayes_susc.sampling.executor.iter_components` (besides nβ, γ):
+        the built kernel and the run settings, no hyperparameter loose."""
         return {
-            "kernel": self.kernel,
+            "kernel": self.make_kernel(),
             "num_chains": self.num_chains,
             "num_draws": self.num_draws,
             "num_burnin": self.num_burnin,
             "steps_per_draw": self.steps_per_draw,
             "seed": self.seed,
             "chain_method": self.chain_method,
-            **self.hyperparameters,
         }
 
     def record(self) -> dict[str, Any]:

@@ -161,6 +161,29 @@ class Evaluator:
         return out
 
 
+#: The keywords of :func:`sample` other than ``posterior``, ``kernel`` and the kernel's
+#: hyperparameters: what the executors pass through to it as run settings.
+SAMPLE_KEYWORDS = frozenset(
+    {
+        "eval_data",
+        "probe_data",
+        "num_chains",
+        "num_draws",
+        "num_burnin",
+        "steps_per_draw",
+        "seed",
+        "observables",
+        "probe_coords",
+        "chain_method",
+        "progress",
+        "backend",
+        "chains",
+        "store",
+        "chunk_draws",
+    }
+)
+
+
 def sample(
     posterior: LocalPosterior,
     kernel: str | Kernel = "sgld",

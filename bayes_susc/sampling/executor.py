@@ -50,7 +50,6 @@ Example::
 
 from __future__ import annotations
 
-import inspect
 import json
 import multiprocessing
 import os
@@ -534,7 +533,7 @@ def _check_settings(
     """Everything that can be checked without sampling: keyword names, kernel and its
     hyperparameters, integer settings, each component against the model."""
     from bayes_susc.kernels.base import make_kernel
-    from bayes_susc.sampling.driver import sample
+    from bayes_susc.sampling.driver import SAMPLE_KEYWORDS
 
     unsupported = sorted(_UNSUPPORTED & set(sample_kwargs))
     if unsupported:
@@ -548,9 +547,9 @@ def _check_settings(
             f"sample_components sets {owned} itself (from the problem and the job plan); "
             "do not pass them"
         )
-    params = inspect.signature(sample).parameters
-    named = {k: v for k, v in sample_kwargs.items() if k in params}
-    kernel_kwargs = {k: v for k, v in sample_kwargs.items() if k not in params}
+    settings = SAMPLE_KEYWORDS | {"kernel"}
+    named = {k: v for k, v in sample_kwargs.items() if k in settings}
+    kernel_kwargs = {k: v for k, v in sample_kwargs.items() if k not in settings}
     make_kernel(named.get("kernel", "sgld"), **kernel_kwargs)
     for key, minimum in (("num_draws", 1), ("num_burnin", 0), ("steps_per_draw", 1), ("seed", 0)):
         if key in named:

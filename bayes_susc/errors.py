@@ -9,12 +9,18 @@ __all__ = [
     "MissingDependencyError",
     "RunFolderBusy",
     "RunFolderError",
+    "StabilityWarning",
     "UserError",
 ]
 
 
 class DivergenceWarning(UserWarning):
     """Some chains went non-finite; their later draws are NaN and flagged."""
+
+
+class StabilityWarning(UserWarning):
+    """A kernel's step is beyond its stability limit on a component's stiffest curvature:
+    the chains do not sample the posterior, diverging or not."""
 
 
 class UserError(Exception):

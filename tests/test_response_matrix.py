@@ -70,8 +70,15 @@ def _flag_bias(ds, i, j):
     ds["bias_exceeds_interval"].values[i, j] = True
 
 
+def _flag_unstable(ds, i, j):
+    if "unstable" not in ds:
+        ds["unstable"] = ("component", np.zeros(ds.sizes["component"], dtype=bool))
+    ds["unstable"].values[j] = True
+
+
 TRIGGERS = {
     "diverged": lambda ds, i, j: ds["num_diverged_chains"].values.__setitem__(j, 1),
+    "unstable": _flag_unstable,
     "nonfinite": lambda ds, i, j: ds["chi"].values.__setitem__((i, j), np.nan),
     "rhat": lambda ds, i, j: ds["rhat"].values.__setitem__((i, j), 1.2),
     "ess": lambda ds, i, j: ds["ess_tail"].values.__setitem__((i, j), 20.0),
@@ -92,9 +99,9 @@ def test_first_reason_wins(k):
     out = rm.assign_status(ds)
     assert out["status"].values[i, j] == STATUS_REASONS[k]
     others = np.ones((5, 4), dtype=bool)
-    if STATUS_REASONS[k] == "diverged":
-        others[:, j] = False  # the whole component diverged
-        assert (out["status"].values[:, j] == "diverged").all()
+    if STATUS_REASONS[k] in ("diverged", "unstable"):
+        others[:, j] = False  # the whole component is flagged
+        assert (out["status"].values[:, j] == STATUS_REASONS[k]).all()
     else:
         others[i, j] = False
     assert (out["status"].values[others] == "ok").all()

@@ -65,6 +65,7 @@ from bayes_susc.validation import check_finite, check_fraction, check_int, check
 #: Reasons an entry is unreliable, in the order they are checked (the first one wins).
 STATUS_REASONS = (
     "diverged",
+    "unstable",
     "nonfinite",
     "rhat",
     "ess",
@@ -73,7 +74,7 @@ STATUS_REASONS = (
     "not_significant_bh",
 )
 #: Reasons that say the estimate itself cannot be trusted (not merely "not different from 0").
-CONVERGENCE_REASONS = ("diverged", "nonfinite", "rhat", "ess")
+CONVERGENCE_REASONS = ("diverged", "unstable", "nonfinite", "rhat", "ess")
 
 #: Default R-hat threshold: Vehtari, Gelman, Simpson, Carpenter & Bürkner (2021),
 #: "Rank-normalization, folding, and localization: an improved R-hat", recommend
@@ -143,16 +144,20 @@ def assign_status(
     the *first* check it fails:
 
     1. ``"diverged"``: ``num_diverged_chains`` of its component is not 0 (or unknown).
-    2. ``"nonfinite"``: ``chi``, ``se``, ``ci_low``, ``ci_high`` or ``p_value`` is NaN/inf.
-    3. ``"rhat"``: ``rhat > max_rhat`` or R-hat is NaN. Default 1.01 (Vehtari et al. 2021).
-    4. ``"ess"``: ``min(ess_bulk, ess_tail) < min_ess`` or NaN (a lone ``ess`` variable is
+    2. ``"unstable"``: the matrix holds ``unstable`` (over ``component``, from
+       :mod:`bayes_susc.checks.stability`) and it is True: the kernel's step is beyond
+       its stability limit on the component's stiffest curvature, so the chains sample
+       another distribution even when nothing diverges.
+    3. ``"nonfinite"``: ``chi``, ``se``, ``ci_low``, ``ci_high`` or ``p_value`` is NaN/inf.
+    4. ``"rhat"``: ``rhat > max_rhat`` or R-hat is NaN. Default 1.01 (Vehtari et al. 2021).
+    5. ``"ess"``: ``min(ess_bulk, ess_tail) < min_ess`` or NaN (a lone ``ess`` variable is
        used when the two are absent). Default 100: the package's coverage study finds
        nominal interval coverage from ESS ≈ 100.
-    5. ``"step_size_bias"``: the matrix holds ``bias_exceeds_interval`` (from
+    6. ``"step_size_bias"``: the matrix holds ``bias_exceeds_interval`` (from
        :func:`bayes_susc.checks.step_size_bias.attach_bias`) and it is True: the estimated
        step-size bias is larger than the entry's interval half-width.
-    6. ``"ci_contains_zero"``: ``ci_low <= 0 <= ci_high``.
-    7. ``"not_significant_bh"``: not rejected by Benjamini–Hochberg at level ``fdr``
+    7. ``"ci_contains_zero"``: ``ci_low <= 0 <= ci_high``.
+    8. ``"not_significant_bh"``: not rejected by Benjamini–Hochberg at level ``fdr``
        (``statsmodels`` ``multipletests(method="fdr_bh")``).
 
     The Benjamini–Hochberg family is every entry with finite estimates (all entries not
@@ -185,6 +190,7 @@ def assign_status(
     bad_ess = ~(ess >= min_ess)
     contains_zero = (ds["ci_low"] <= 0) & (ds["ci_high"] >= 0)
     biased = ds["bias_exceeds_interval"] if "bias_exceeds_interval" in ds else xr.zeros_like(chi)
+    unstable = ds["unstable"] if "unstable" in ds else xr.zeros_like(chi)
 
     p = ds["p_value"].broadcast_like(template).transpose(*_DIMS).values.astype(float)
     family = ~nonfinite.broadcast_like(template).transpose(*_DIMS).values
@@ -204,7 +210,16 @@ def assign_status(
 
     conds = [
         c.broadcast_like(template).transpose(*_DIMS).values.astype(bool)
-        for c in (diverged, nonfinite, bad_rhat, bad_ess, biased, contains_zero, not_sig)
+        for c in (
+            diverged,
+            unstable,
+            nonfinite,
+            bad_rhat,
+            bad_ess,
+            biased,
+            contains_zero,
+            not_sig,
+        )
     ]
     names = np.array(("ok",) + STATUS_REASONS)
     status = names[np.select(conds, list(range(1, len(names))), default=0)]

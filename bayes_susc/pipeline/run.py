@@ -15,6 +15,8 @@ Run folder::
     analyses/pca.nc        PCA of the response matrix (scores, loadings, variance)
     analyses/clusters.nc   k-means labels of the probes and the examples per cluster
     analyses/health.json   each component's trace checks and verdict
+    stability.json         each component's stiffest curvature and the step's verdict
+                           (bayes_susc.checks.stability), measured before sampling
     head_roles.nc          attention-pattern role scores (models that report them)
     summary.json           headline figures; report.html and figures/*.png
 """
@@ -33,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bayes_susc.errors import RunFolderError
+from bayes_susc.errors import RunFolderError, StabilityWarning
 from bayes_susc.pipeline.lock import run_folder_lock
 from bayes_susc.pipeline.run_folder import component_summary, remove_stale_temporaries
 from bayes_susc.pipeline.spec import RunSpec
@@ -219,8 +221,9 @@ def run(
         atomic_write(
             out / "run_info.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2))
         )
+        stability = _check_stability(spec, out, say)
         runs, computed = _sample(spec, out, finished, progress, say)
-        return _finish(spec, out, runs, computed, report)
+        return _finish(spec, out, runs, computed, report, stability)
 
 
 def _component_path(out: Path, name: str) -> Path:
@@ -235,7 +238,14 @@ def _recorded_components(out: Path, keep: Mapping[str, Any]) -> dict:
     return {k: v for k, v in old.items() if k in keep}
 
 
-_RESULTS = ("response_matrix.nc", "summary.json", "report.html", "head_roles.nc", "run_info.json")
+_RESULTS = (
+    "response_matrix.nc",
+    "summary.json",
+    "report.html",
+    "head_roles.nc",
+    "run_info.json",
+    "stability.json",
+)
 
 
 def _clear_results(out: Path) -> None:
@@ -303,6 +313,37 @@ def _check_resume(
     return runs
 
 
+def _check_stability(spec: RunSpec, out: Path, say: Log) -> dict[str, dict[str, Any]]:
+    """ε against each component's stiffest curvature, measured once per component and
+    kept in ``stability.json`` (a resumed run reads it back); unstable ones are told."""
+    from bayes_susc.checks.stability import check_stability
+    from bayes_susc.target.posterior import LocalPosterior
+
+    path = out / "stability.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    kernel = spec.sampling.make_kernel()
+    for comp in spec.components:
+        if comp.name not in known:
+            posterior = LocalPosterior(
+                spec.model,
+                spec.loss_fn,
+                spec.train_data,
+                comp,
+                nbeta=spec.sampling.nbeta,
+                gamma=spec.sampling.gamma,
+            )
+            known[comp.name] = check_stability(posterior, kernel, seed=spec.sampling.seed)
+            known[comp.name] = to_jsonable(known[comp.name].to_dict())
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(known, indent=2)))
+        if not known[comp.name]["stable"]:
+            from bayes_susc.checks.stability import StabilityCheck
+
+            message = StabilityCheck(**known[comp.name]).message(comp.name)
+            say(message)
+            warnings.warn(message, StabilityWarning, stacklevel=3)
+    return {c.name: known[c.name] for c in spec.components}
+
+
 def _sample(
     spec: RunSpec, out: Path, runs: dict[str, Any], progress: bool | None, say: Log
 ) -> tuple[dict[str, Any], list[str]]:
@@ -358,11 +399,32 @@ def _sample(
 
 # --------------------------------------------------------------------------- analyses
 def _finish(
-    spec: RunSpec, out: Path, runs: dict[str, Any], computed: list[str], report: bool
+    spec: RunSpec,
+    out: Path,
+    runs: dict[str, Any],
+    computed: list[str],
+    report: bool,
+    stability: Mapping[str, Mapping[str, Any]],
 ) -> dict:
-    from bayes_susc.estimation.response_matrix import build_response_matrix, save_response_matrix
+    from bayes_susc.estimation.response_matrix import (
+        assign_status,
+        build_response_matrix,
+        save_response_matrix,
+    )
 
-    matrix = build_response_matrix(runs, **spec.estimation.matrix_kwargs())
+    kw = spec.estimation.matrix_kwargs()
+    matrix = build_response_matrix(runs, **kw)
+    unstable = [name for name in runs if not stability[name]["stable"]]
+    if unstable:
+        # The sampler's own verdict folds into the status: an unstable step gives no "ok".
+        flags = np.array([name in unstable for name in matrix["component"].values])
+        matrix["unstable"] = ("component", flags)
+        matrix["unstable"].attrs["description"] = (
+            "the kernel's step is beyond its stability limit (bayes_susc.checks.stability)"
+        )
+        matrix = assign_status(
+            matrix, min_ess=kw["min_ess"], max_rhat=kw["max_rhat"], fdr=kw["fdr"]
+        )
     save_response_matrix(matrix, out / "response_matrix.nc")
     analyses = _save_analyses(spec, out, matrix, runs)
     roles = _head_roles(spec, out)
@@ -381,6 +443,7 @@ def _finish(
         },
         "computed_this_run": computed,
         "reused": [n for n in runs if n not in computed],
+        "stability": {name: dict(stability[name]) for name in runs},
         "response_matrix": {
             "shape": [int(n) for n in matrix["chi"].transpose("probe", "component").shape],
             "status_counts": {str(k): int(v) for k, v in zip(names, counts)},

@@ -317,6 +317,12 @@ def _convergence_table(matrix: xr.Dataset, summary: dict) -> str:
             if "num_diverged_chains" in matrix
             else "–",
         )
+        stab = summary.get("stability", {}).get(c, {})
+        step = (
+            f"{stab['value']:.3g} / {stab['limit']:.3g}"
+            if isinstance(stab.get("value"), float) and isinstance(stab.get("limit"), float)
+            else "–"
+        )
         rows.append(
             [
                 c,
@@ -324,6 +330,7 @@ def _convergence_table(matrix: xr.Dataset, summary: dict) -> str:
                 row.get("rhat_phi", np.nan),
                 row.get("ess_phi", np.nan),
                 div,
+                step,
                 float(ess.sel(component=c).median()),
                 float(ok.sel(component=c)),
             ]
@@ -332,7 +339,10 @@ def _convergence_table(matrix: xr.Dataset, summary: dict) -> str:
         '<p class="note">R-hat and ESS of φ are ArviZ\'s rank-normalized split R-hat and '
         f"bulk ESS; an entry is ok when it passes R-hat ≤ {matrix.attrs.get('max_rhat', '?')}, "
         f"ESS ≥ {matrix.attrs.get('min_ess', '?')}, its interval excludes 0 and Benjamini–"
-        "Hochberg rejects χ = 0. Low ok fractions: sample longer (num_draws) or more chains."
+        "Hochberg rejects χ = 0. Low ok fractions: sample longer (num_draws) or more chains. "
+        "Step vs stability limit: ε·λmax (SGLD) or ε²·λmax (SGHMC, SGNHT) on the "
+        "component's stiffest curvature, against the kernel's limit "
+        "(bayes_susc.checks.stability); at or above it every entry is 'unstable'."
         "</p>"
     )
     header = [
@@ -341,6 +351,7 @@ def _convergence_table(matrix: xr.Dataset, summary: dict) -> str:
         "R-hat φ",
         "ESS φ",
         "diverged chains",
+        "step vs stability limit",
         "median entry ESS",
         "fraction ok",
     ]

@@ -1,0 +1,127 @@
+"""The stability check (issue 18): a step beyond the kernel's limit on a component's
+stiffest curvature gives no "ok" entry, even when nothing diverges; a stable step passes.
+The limits themselves are checked against the spectral radius of each kernel's linear
+recursion on a quadratic."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bayes_susc.checks.stability import stability_limit
+from bayes_susc.errors import StabilityWarning
+from bayes_susc.kernels.base import make_kernel
+from bayes_susc.pipeline.run import run
+from bayes_susc.pipeline.spec import RunSpec, SamplingSettings
+from bayes_susc.target.components import Component
+
+
+def _stiff_tanh_mlp() -> nn.Module:
+    """3 → 8 tanh → 1 with output weights 2; with inputs of scale 4 the first layer's
+    24 weights have λmax ≈ 8.1e3 at nβ 30, γ 300, so ε·λmax ≈ 8 at ε = 1e-3."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        net[2].weight.fill_(2.0)
+    return net
+
+
+def squared_error(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per-item squared error of a (inputs, targets) batch."""
+    x, y = batch
+    return ((model(x) - y) ** 2).squeeze(-1)
+
+
+def _spec(step_size: float) -> RunSpec:
+    g = torch.Generator().manual_seed(1)
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = 4.0 * torch.randn(n, 3, generator=g)
+        return x, torch.tanh(x[:, :1])
+
+    return RunSpec(
+        name="stiff",
+        model=_stiff_tanh_mlp(),
+        model_description="tanh MLP",
+        loss_fn=squared_error,
+        train_data=[batch(64)],
+        eval_data=batch(32),
+        probe_data=batch(6),
+        probe_coords={"dataset": ["probe"] * 6},
+        components=(
+            Component.from_parameters("layer0", ["0.weight"]),
+            Component.from_parameters("layer1", ["2.weight"]),
+        ),
+        sampling=SamplingSettings(
+            hyperparameters={"step_size": step_size},
+            num_chains=2,
+            num_draws=60,
+            num_burnin=20,
+        ),
+    )
+
+
+def test_unstable_step_gets_no_ok_entry_and_is_named(tmp_path):
+    said = []
+    with pytest.warns(StabilityWarning, match="layer0: eps\\*lambda_max = 8.1"):
+        summary = run(_spec(1e-3), tmp_path, report=False, log=said.append)
+    check = json.loads((tmp_path / "stability.json").read_text())["layer0"]
+    assert check["measure"] == "eps*lambda_max" and check["limit"] == 4.0
+    assert 7.5 < check["value"] < 8.7 and not check["stable"]
+    assert 1e-4 < check["suggested_step_size"] < 2e-4  # 1/λmax
+    assert any("a stable step size is about 0.00012" in m for m in said), said
+    import xarray as xr
+
+    with xr.open_dataset(tmp_path / "response_matrix.nc", engine="netcdf4") as m:
+        status = m["status"].load()
+    # No divergence: tanh keeps the chains bounded. Only the stability check catches it.
+    assert summary["components"]["layer0"]["diverged_chains"] == 0
+    assert set(status.sel(component="layer0").values) == {"unstable"}
+    assert "unstable" not in set(status.sel(component="layer1").values)
+    assert summary["stability"]["layer1"]["stable"]
+
+
+def test_stable_step_passes(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StabilityWarning)
+        summary = run(_spec(1e-4), tmp_path, report=False)
+    check = summary["stability"]["layer0"]
+    assert check["stable"] and 0.75 < check["value"] < 0.87
+    import xarray as xr
+
+    with xr.open_dataset(tmp_path / "response_matrix.nc", engine="netcdf4") as m:
+        assert "unstable" not in set(m["status"].values.ravel())
+        assert "unstable" not in m
+
+
+@pytest.mark.parametrize("name", ["sghmc", "sgnht"])
+def test_underdamped_limit_is_the_spectral_radius_boundary(name):
+    """On U = λδ²/2 the update (δ, p) → (δ + εp, (1 − εa)p − ελ(δ + εp)) is stable iff its
+    spectral radius is < 1; the stated limit ε²λ < 4 − 2εa must sit exactly there."""
+    eps, a = 1e-2, 30.0
+    kernel = make_kernel(name, step_size=eps, **{"friction" if name == "sghmc" else "diffusion": a})
+    boundary = (4.0 - 2.0 * eps * a) / eps**2
+    for lam, stable in ((0.99 * boundary, True), (1.01 * boundary, False)):
+        m = np.array([[1.0, eps], [-eps * lam, 1.0 - eps * a - eps * eps * lam]])
+        radius = np.abs(np.linalg.eigvals(m)).max()
+        measure, value, limit, _ = stability_limit(kernel, lam)
+        assert measure == "eps^2*lambda_max"
+        assert bool(radius < 1.0) is stable and bool(value < limit) is stable
+
+
+def test_sgld_limit_and_kernels_without_one():
+    eps = 1e-3
+    for lam, stable in ((3.99 / eps, True), (4.01 / eps, False)):
+        # SGLD on U = λδ²/2: δ' = (1 − ελ/2)δ + √ε ξ, stable iff |1 − ελ/2| < 1.
+        assert (abs(1 - eps * lam / 2) < 1) is stable
+        _, value, limit, _ = stability_limit(make_kernel("sgld", step_size=eps), lam)
+        assert (value < limit) is stable
+    assert stability_limit(make_kernel("mala"), 1e6) is None
+    assert stability_limit(make_kernel("psgld"), 1e6) is None

@@ -22,6 +22,10 @@ _EXPORTS = {
     "GradientResult": "bayes_susc.kernels.base",
     "LocalPosterior": "bayes_susc.target.posterior",
     "sample": "bayes_susc.sampling.driver",
+    "estimate": "bayes_susc.estimation.susceptibility",
+    "estimate_many": "bayes_susc.estimation.susceptibility",
+    "susceptibility": "bayes_susc.estimation.susceptibility",
+    "build_response_matrix": "bayes_susc.estimation.response_matrix",
     "get_group": "bayes_susc.storage.draws",
     "load": "bayes_susc.storage.draws",
     "save": "bayes_susc.storage.draws",
@@ -34,16 +38,22 @@ __all__ = [
     "LocalPosterior",
     "ResolvedComponent",
     "available_kernels",
+    "build_response_matrix",
+    "estimate",
+    "estimate_many",
     "get_group",
     "load",
     "make_kernel",
     "register_kernel",
     "sample",
     "save",
+    "susceptibility",
 ]
 
 if TYPE_CHECKING:
     from bayes_susc.errors import DivergenceWarning
+    from bayes_susc.estimation.response_matrix import build_response_matrix
+    from bayes_susc.estimation.susceptibility import estimate, estimate_many, susceptibility
     from bayes_susc.kernels import available_kernels, make_kernel, register_kernel
     from bayes_susc.kernels.base import GradientResult
     from bayes_susc.sampling.driver import sample

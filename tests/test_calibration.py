@@ -18,6 +18,7 @@ import torch
 
 from bayes_susc.checks.calibration import (
     LITERATURE_DEFAULTS,
+    CalibrationGrid,
     CalibrationResult,
     Setting,
     _recommend,
@@ -28,6 +29,7 @@ from bayes_susc.checks.ground_truth import (
     sgld_stationary_cov,
     torch_local_posterior,
 )
+from bayes_susc.checks.health import HealthThresholds, MalaCheck
 from bayes_susc.demo.model import (
     AttnOnlyConfig,
     AttnOnlyTransformer,
@@ -36,7 +38,9 @@ from bayes_susc.demo.model import (
 )
 from bayes_susc.estimation.susceptibility import estimate
 from bayes_susc.sampling.driver import sample
+from bayes_susc.storage.draws import get_group
 from bayes_susc.target.components import Component
+from bayes_susc.target.posterior import LocalPosterior
 
 STEP_SIZES = (1e-4, 1e-3, 1e-2)
 GAMMAS = (300.0, 1000.0)
@@ -63,9 +67,7 @@ def gaussian_result(pieces) -> CalibrationResult:
         posterior.component,
         eval_data=eval_batches,
         probe_data=probe_batches,
-        step_sizes=STEP_SIZES,
-        nbetas=(30.0,),
-        gammas=GAMMAS,
+        grid=CalibrationGrid(step_sizes=STEP_SIZES, nbetas=(30.0,), gammas=GAMMAS),
         num_chains=4,
         num_draws=100,
         num_burnin=50,
@@ -188,9 +190,7 @@ def test_max_step_bias_bounds_the_recommendation(problem, pieces, gaussian_resul
         posterior.component,
         eval_data=eval_batches,
         probe_data=probe_batches,
-        step_sizes=(1e-4, 3e-4, 1e-3),
-        nbetas=(30.0,),
-        gammas=GAMMAS,
+        grid=CalibrationGrid(step_sizes=(1e-4, 3e-4, 1e-3), nbetas=(30.0,), gammas=GAMMAS),
         num_chains=4,
         num_draws=100,
         num_burnin=50,
@@ -227,9 +227,7 @@ def test_nothing_passes_recommends_least_bad_with_actions(pieces):
         posterior.component,
         eval_data=eval_batches,
         probe_data=probe_batches,
-        step_sizes=(1e-2, 2e-2),
-        nbetas=(30.0,),
-        gammas=(300.0,),
+        grid=CalibrationGrid(step_sizes=(1e-2, 2e-2), nbetas=(30.0,), gammas=(300.0,)),
         num_draws=40,
         num_burnin=10,
     )
@@ -295,9 +293,7 @@ def test_attention_head_grid_and_trace_plot(tmp_path):
             train,
             heads,
             eval_data=eval_tokens,
-            step_sizes=(1e-4, 1e-3),
-            nbetas=(30.0,),
-            gammas=(300.0, 1000.0),
+            grid=CalibrationGrid(step_sizes=(1e-4, 1e-3), nbetas=(30.0,), gammas=(300.0, 1000.0)),
             num_chains=2,
             num_draws=40,
             num_burnin=10,
@@ -336,20 +332,65 @@ def test_failing_setting_is_marked_red_in_the_plot(gaussian_result):
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"step_sizes": ()}, ValueError, "step_sizes"),
-        ({"nbetas": []}, ValueError, "nbetas"),
+        ({"step_sizes": ()}, ValueError, "step_sizes must hold at least one value"),
+        ({"nbetas": []}, ValueError, "nbetas must hold at least one value"),
         ({"gammas": ()}, ValueError, "gammas"),
-        ({"step_sizes": (1e-3, -1e-3)}, ValueError, "step_sizes"),
+        ({"step_sizes": (1e-3, -1e-3)}, ValueError, r"step_sizes\[1\] must be > 0"),
         ({"step_sizes": (0.0,)}, ValueError, "step_sizes"),
+        ({"step_sizes": (float("nan"),)}, ValueError, r"step_sizes\[0\] must be finite"),
         ({"nbetas": (0.0,)}, ValueError, "nbetas"),
-        ({"gammas": (-1.0,)}, ValueError, "gammas"),
-        ({"step_sizes": (1e-3, 1e-3)}, ValueError, "step_sizes"),
+        ({"gammas": (-1.0,)}, ValueError, r"gammas\[0\] must be >= 0"),
+        ({"step_sizes": (1e-3, 1e-3)}, ValueError, "step_sizes holds repeated values"),
+        ({"step_sizes": "1e-3"}, TypeError, "step_sizes must be a sequence of numbers"),
+    ],
+)
+def test_bad_grid_raises_when_made(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        CalibrationGrid(**kwargs)
+
+
+def test_grid_normal_form():
+    grid = CalibrationGrid(step_sizes=[1e-3, 1e-4], nbetas=30, gammas=(0, 300.0))
+    assert grid.step_sizes == (1e-4, 1e-3) and grid.nbetas == (30.0,)
+    assert grid.gammas == (0.0, 300.0)
+    assert grid == CalibrationGrid(step_sizes=(1e-4, 1e-3), nbetas=(30.0,), gammas=(0.0, 300.0))
+    assert grid.settings() == [Setting(e, 30.0, g) for e in (1e-4, 1e-3) for g in (0.0, 300.0)]
+    default = CalibrationGrid()
+    assert default.step_sizes == (1e-4, 3e-4, 1e-3, 3e-3)
+    assert (default.nbetas, default.gammas) == ((30.0,), (300.0, 1000.0))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        grid.step_sizes = (1.0,)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
         ({"components": []}, ValueError, "components"),
         ({"components": ["weight"]}, TypeError, "components"),
-        ({"num_chains": 1}, ValueError, "num_chains"),
-        ({"num_draws": 8}, ValueError, "num_draws"),
+        ({"num_chains": 1}, ValueError, "num_chains must be >= 2"),
+        ({"num_draws": 8}, ValueError, "num_draws must be >= 16"),
+        ({"max_step_bias": 0.0}, ValueError, "max_step_bias must be > 0"),
         ({"eval_data": None}, ValueError, "eval_data"),
-        ({"step_size": 1e-3}, TypeError, "step_sizes"),
+        ({"step_size": 1e-3}, TypeError, "step_size"),  # no such keyword: the grid's
+        (
+            {"kernel_hyperparameters": {"step_size": 1e-3}},
+            ValueError,
+            "may not hold 'step_size': the grid's step_sizes",
+        ),
+        (
+            {"kernel_hyperparameters": {"friction": 10.0}},
+            ValueError,
+            r"\['friction'\] are not hyperparameters of kernel 'sgld'",
+        ),
+        (
+            {"kernel": "sghmc", "kernel_hyperparameters": {"friction": -1.0}},
+            ValueError,
+            "kernel 'sghmc' rejects.*friction must be > 0",
+        ),
+        ({"kernel": "sgldd"}, ValueError, "unknown kernel 'sgldd'"),
+        ({"grid": {"step_sizes": (1e-3,)}}, TypeError, "grid must be a CalibrationGrid"),
+        ({"health": {"min_ess": 50}}, TypeError, "health must be a HealthThresholds"),
+        ({"mala": MalaCheck(step_size=1e-3)}, ValueError, "mala.step_size must be None"),
     ],
 )
 def test_bad_inputs_raise(pieces, kwargs, exc, match):
@@ -362,6 +403,63 @@ def test_bad_inputs_raise(pieces, kwargs, exc, match):
     components = args.pop("components")
     with pytest.raises(exc, match=match):
         calibrate(posterior.model, posterior.loss_fn, posterior.train_batches, components, **args)
+
+
+def test_settings_objects_reach_the_runs(pieces):
+    """The kernel's hyperparameters, the thresholds and the MALA run settings are used as
+    given: the same result as the default spelled out, and each object visibly applied."""
+    posterior, eval_batches, probe_batches = pieces
+    args = dict(
+        eval_data=eval_batches,
+        probe_data=probe_batches,
+        grid=CalibrationGrid(step_sizes=(1e-3,), nbetas=(30.0,), gammas=(300.0,)),
+        num_chains=2,
+        num_draws=40,
+        num_burnin=10,
+    )
+    run = (posterior.model, posterior.loss_fn, posterior.train_batches, posterior.component)
+    res = calibrate(*run, **args)
+    spelled = calibrate(*run, **args, health=HealthThresholds(), mala=MalaCheck())
+    pd.testing.assert_frame_equal(
+        res.table.drop(columns="seconds"), spelled.table.drop(columns="seconds")
+    )
+    assert res.config["health"]["min_ess"] == 100.0 and res.config["mala"]["moves"] == 100
+    # A lenient ESS bound turns the short run's failing ESS into a warning; fewer MALA
+    # moves and no MALA check at all reach the report.
+    lenient = calibrate(
+        *run, **args, health=HealthThresholds(min_ess=1.0), mala=MalaCheck(moves=5, chains=3)
+    )
+    setting = lenient.recommended
+    accept = lenient.reports[("S", setting)]["mala_acceptance"]
+    assert accept.details["num_moves"] == 5 and len(accept.details["per_chain"]) == 3
+    auto = lenient.reports[("S", setting)]["autocorrelation"]
+    assert auto.details["min_ess"] == 1.0 and auto.status != "fail"
+    skipped = calibrate(*run, **args, mala=None)
+    assert "mala_acceptance" not in skipped.reports[("S", setting)]
+    assert not skipped.config["mala_check"] and skipped.config["mala"] is None
+    # The same φ draws whatever the health settings: only the judging differs.
+    np.testing.assert_array_equal(skipped.traces[("S", setting)], res.traces[("S", setting)])
+
+    sghmc = calibrate(*run, **args, kernel="sghmc", kernel_hyperparameters={"friction": 50.0})
+    assert sghmc.config["kernel_hyperparameters"] == {"friction": 50.0}
+    target = LocalPosterior(*run, nbeta=30.0, gamma=300.0)  # as calibrate builds it
+    direct = sample(
+        target,
+        "sghmc",
+        eval_data=eval_batches,
+        probe_data=probe_batches,
+        num_chains=2,
+        num_draws=40,
+        num_burnin=10,
+        seed=0,
+        progress=False,
+        step_size=1e-3,
+        friction=50.0,
+    )
+    np.testing.assert_array_equal(
+        sghmc.traces[("S", Setting(1e-3, 30.0, 300.0))],
+        get_group(direct, "posterior")["eval_loss"].values,
+    )
 
 
 def test_duplicate_component_names_raise(pieces):
@@ -463,7 +561,7 @@ def test_config_typo_key_fails_before_the_factory(tmp_path, monkeypatch):
         calibrate_from_config(config, out=tmp_path / "out")
     message = str(info.value)
     assert "allowed keys" in message
-    for key in ("step_sizes", "nbetas", "gammas", "num_draws", "health_kwargs"):
+    for key in ("step_sizes", "nbetas", "gammas", "num_draws", "health", "mala"):
         assert repr(key) in message.split("allowed keys")[1]
     assert "did you mean 'step_sizes'" in message
     assert not (tmp_path / "factory_called").exists()
@@ -482,12 +580,41 @@ def test_config_typo_key_fails_before_the_factory(tmp_path, monkeypatch):
         ('[calibrate]\ngammas = [300.0, "1e3"]\n', r"\[calibrate\.gammas\] must be a list of num"),
         ('[calibrate]\nmala_check = "yes"\n', r"\[calibrate\.mala_check\] must be true or false"),
         ('[calibrate]\nkernel = "sgldd"\n', r"\[calibrate\.kernel\] must be a registered kernel"),
-        ("[calibrate]\nhealth_kwargs = 3\n", r"\[calibrate\.health_kwargs\] must be a table"),
+        ("[calibrate]\nhealth = 3\n", r"\[calibrate\.health\] must be a table"),
         (
-            "[calibrate.health_kwargs]\nmin_es = 50.0\n",
-            r"unknown key 'min_es' in \[calibrate\.health_kwargs\]; allowed keys: \[.*'min_ess'",
+            "[calibrate.health]\nmin_es = 50.0\n",
+            r"unknown key 'min_es' in \[calibrate\.health\]; allowed keys: \[.*'min_ess'",
         ),
-        ('[calibrate]\nhealth_kwargs = {min_ess = "50"}\n', r"health_kwargs\.min_ess\] must be"),
+        ('[calibrate]\nhealth = {min_ess = "50"}\n', r"\[calibrate\.health\.min_ess\] must be"),
+        ("[calibrate]\nhealth = {spike_vars = 'loss'}\n", r"health\.spike_vars\] must be a list"),
+        # Values HealthThresholds rejects, named by their key.
+        (
+            "[calibrate.health]\nrhat_warn = 1.2\nrhat_fail = 1.1\n",
+            r"\[calibrate\.health\.rhat_warn\] must be <= rhat_fail, got 1\.2 > 1\.1",
+        ),
+        (
+            "[calibrate.health]\ntrend_z_fail = 2.0\n",
+            r"\[calibrate\.health\.trend_z\] must be <= trend_z_fail",
+        ),
+        ("[calibrate.health]\nspike_z = 0\n", r"\[calibrate\.health\.spike_z\] must be > 0"),
+        (
+            "[calibrate.health]\nacceptance_range = [0.9, 0.5]\n",
+            r"\[calibrate\.health\.acceptance_range\] must satisfy 0 <= low < high <= 1",
+        ),
+        # The MALA run's settings: keys, types, values (step_size is the grid's).
+        ("[calibrate]\nmala = 20\n", r"\[calibrate\.mala\] must be a table"),
+        ("[calibrate.mala]\nstep_size = 1e-3\n", r"unknown key 'step_size' in \[calibrate\.mala\]"),
+        ("[calibrate.mala]\nmoves = 2.5\n", r"\[calibrate\.mala\.moves\] must be an integer"),
+        ("[calibrate.mala]\nmoves = 0\n", r"\[calibrate\.mala\.moves\] must be >= 1, got 0"),
+        ('[calibrate.mala]\nbatch = "all"\n', r"\[calibrate\.mala\.batch\] must be 'first' or"),
+        (
+            "[calibrate]\nmala_check = false\n[calibrate.mala]\nmoves = 5\n",
+            r"\[calibrate\.mala\] is given but \[calibrate\.mala_check\] = false",
+        ),
+        (
+            "[calibrate]\nhealth = {}\nhealth_kwargs = {}\n",
+            r"both 'health' and 'health_kwargs' \(its old name\)",
+        ),
         # friction belongs to sghmc, not to the default sgld.
         ("[calibrate]\nfriction = 10.0\n", r"unknown key 'friction' in \[calibrate\]"),
         ("[calibrate]\nstep_size = 1e-3\n", r"unknown key 'step_size'.*'step_sizes'"),
@@ -495,6 +622,8 @@ def test_config_typo_key_fails_before_the_factory(tmp_path, monkeypatch):
         # Values calibrate() would reject, caught before the factory too.
         ("[calibrate]\nnum_draws = 8\n", r"\[calibrate\.num_draws\] must be >= 16, got 8"),
         ("[calibrate]\nstep_sizes = [1e-3, -1e-3]\n", r"\[calibrate\.step_sizes\]\[1\] must be"),
+        ("[calibrate]\ngammas = [300, 300]\n", r"\[calibrate\.gammas\] holds repeated values"),
+        ("[calibrate]\nnum_chains = 1\n", r"\[calibrate\.num_chains\] must be >= 2, got 1"),
         ("[calibrate]\nnbetas = []\n", r"\[calibrate\.nbetas\] must hold at least one value"),
         ("[calibrate]\nmax_step_bias = 0.0\n", r"\[calibrate\.max_step_bias\] must be > 0"),
         ('[calibrate]\nkernel = "sghmc"\nfriction = -1.0\n', r"kernel 'sghmc' rejects.*friction"),
@@ -554,38 +683,116 @@ def test_config_missing_factory_or_file_or_bad_toml(tmp_path):
 
 
 def test_config_good_configs_pass_the_checks(tmp_path):
-    """The shipped example, a kernel's own hyperparameter, health thresholds and JSON null
-    pass (load_config imports and samples nothing)."""
+    """The shipped example, a kernel's own hyperparameter, health thresholds, MALA settings
+    and JSON null pass (load_config imports and samples nothing), and become calibrate()'s
+    keyword arguments: the settings objects, built from the tables."""
     from pathlib import Path
 
     from bayes_susc.checks.calibration import load_config
 
     example = Path(__file__).resolve().parents[1] / "examples" / "calibrate_demo.toml"
-    assert load_config(example)["calibrate"]["max_step_bias"] == 0.1
+    kwargs = load_config(example)["calibrate"]
+    assert kwargs["max_step_bias"] == 0.1
+    assert kwargs["grid"] == CalibrationGrid((3e-4, 1e-3, 3e-3), (30.0,), (300.0, 1000.0))
+    assert "health" not in kwargs and "mala" not in kwargs  # calibrate()'s defaults
     config = tmp_path / "c.toml"
     config.write_text(
         'factory = "m:f"\n[calibrate]\nkernel = "sghmc"\nfriction = 10.0\n'
-        "[calibrate.health_kwargs]\nmin_ess = 50.0\nspike_vars = ['eval_loss']\n"
+        "[calibrate.health]\nmin_ess = 50.0\nspike_vars = ['eval_loss']\n"
+        '[calibrate.mala]\nmoves = 20\nbatch = "full"\n'
     )
-    assert load_config(config)["calibrate"]["friction"] == 10.0
+    kwargs = load_config(config)["calibrate"]
+    assert kwargs["kernel"] == "sghmc" and kwargs["kernel_hyperparameters"] == {"friction": 10.0}
+    assert kwargs["health"] == HealthThresholds(min_ess=50.0, spike_vars=("eval_loss",))
+    assert kwargs["mala"] == MalaCheck(moves=20, batch="full")
+    assert "grid" in kwargs and "num_draws" not in kwargs  # calibrate()'s default applies
     json_config = tmp_path / "c.json"
-    json_config.write_text(json.dumps({"factory": "m:f", "calibrate": {"max_step_bias": None}}))
-    assert load_config(json_config)["calibrate"]["max_step_bias"] is None
+    json_config.write_text(
+        json.dumps(
+            {
+                "factory": "m:f",
+                "calibrate": {"max_step_bias": None, "mala_check": False},
+            }
+        )
+    )
+    kwargs = load_config(json_config)["calibrate"]
+    assert kwargs["max_step_bias"] is None and kwargs["mala"] is None
+    json_config.write_text(json.dumps({"factory": "m:f", "calibrate": {"mala": {"chains": None}}}))
+    assert load_config(json_config)["calibrate"]["mala"] == MalaCheck()
 
 
-def test_config_keys_follow_calibrate_signature():
-    """Every keyword of calibrate() a config can express is an allowed [calibrate] key."""
+def test_config_health_kwargs_is_read_as_health_with_a_warning(tmp_path, monkeypatch):
+    from bayes_susc.checks.calibration import CalibrationConfigError, load_config
+
+    config = tmp_path / "c.toml"
+    config.write_text('factory = "m:f"\n[calibrate.health_kwargs]\nmin_ess = 50.0\n')
+    with pytest.warns(FutureWarning, match=r"health_kwargs\] is the old name of \[calibrate"):
+        kwargs = load_config(config)["calibrate"]
+    assert kwargs["health"] == HealthThresholds(min_ess=50.0)
+    # Its keys that moved say where to; its errors name the key as written.
+    config.write_text('factory = "m:f"\n[calibrate.health_kwargs]\nmala_moves = 20\n')
+    with (
+        pytest.warns(FutureWarning),
+        pytest.raises(
+            CalibrationConfigError, match=r"'mala_moves' is now 'moves' in \[calibrate\.mala\]"
+        ),
+    ):
+        load_config(config)
+    config.write_text('factory = "m:f"\n[calibrate.health_kwargs]\nmin_ess = 500.0\n')
+    with (
+        pytest.warns(FutureWarning),
+        pytest.raises(
+            CalibrationConfigError, match=r"\[calibrate\.health_kwargs\.min_ess\] must be <= target"
+        ),
+    ):
+        load_config(config)
+
+
+def test_config_keys_follow_calibrate_signature(tmp_path):
+    """Config keys and calibrate()'s API cannot drift apart: every [calibrate] key becomes
+    one of calibrate()'s keywords, every keyword a config can express is reached by some
+    key (kernel_hyperparameters by the kernel's own keys), the grid's keys are
+    CalibrationGrid's fields, the [calibrate.health] keys HealthThresholds' and the
+    [calibrate.mala] keys MalaCheck's (but step_size), and a config that sets every key
+    loads into keywords that calibrate() accepts."""
     import inspect
 
-    from bayes_susc.checks.calibration import _CALIBRATE_SPEC
+    from bayes_susc.checks.calibration import _CALIBRATE_SPEC, _MALA_SPEC, load_config
 
     not_from_config = {"eval_data", "probe_data", "progress", "callback"}
-    keywords = {
-        name
-        for name, p in inspect.signature(calibrate).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    parameters = inspect.signature(calibrate).parameters
+    keywords = {n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    reached = {param for _, param in _CALIBRATE_SPEC.values()} | {"kernel_hyperparameters"}
+    assert reached == keywords - not_from_config
+    grid_keys = {k for k, (_, param) in _CALIBRATE_SPEC.items() if param == "grid"}
+    assert grid_keys == {f.name for f in dataclasses.fields(CalibrationGrid)}
+    assert set(_MALA_SPEC) == {f.name for f in dataclasses.fields(MalaCheck)} - {"step_size"}
+
+    health = {f.name: f.default for f in dataclasses.fields(HealthThresholds)}
+    health = {k: list(v) if isinstance(v, tuple) else v for k, v in health.items()}
+    table = {
+        "step_sizes": [1e-3],
+        "nbetas": [30.0],
+        "gammas": [300.0],
+        "kernel": "sghmc",
+        "friction": 10.0,
+        "num_chains": 2,
+        "num_draws": 16,
+        "num_burnin": 0,
+        "steps_per_draw": 1,
+        "seed": 0,
+        "max_step_bias": 0.1,
+        "mala_check": True,
+        "health": health,
+        "mala": {"batch": "first", "moves": 5, "chains": 2},
     }
-    assert set(_CALIBRATE_SPEC) == keywords - not_from_config
+    assert set(table) >= set(_CALIBRATE_SPEC) - {"health_kwargs"}
+    config = tmp_path / "every_key.json"
+    config.write_text(json.dumps({"factory": "m:f", "calibrate": table}))
+    kwargs = load_config(config)["calibrate"]
+    inspect.signature(calibrate).bind(None, None, None, None, eval_data=None, **kwargs)
+    assert set(kwargs) == keywords - not_from_config
+    assert kwargs["health"] == HealthThresholds()
 
 
 def test_cli_reports_config_error_without_traceback(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ for real runs; hand-built InferenceData where a failure is easier to plant exact
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -19,7 +20,11 @@ import bayes_susc
 from bayes_susc import DivergenceWarning
 from bayes_susc.checks.ground_truth import LinearGaussianProblem, torch_local_posterior
 from bayes_susc.checks.health import (
+    MIN_ESS,
+    TARGET_ESS,
     HealthReport,
+    HealthThresholds,
+    MalaCheck,
     check_health,
     check_mala_acceptance,
     check_run_health,
@@ -163,7 +168,7 @@ def test_too_large_step_diverges_and_fails(small):
     with pytest.warns(DivergenceWarning):
         data = _sample(problem, posterior, step_size=eps, num_chains=4, num_draws=100,
                        steps_per_draw=5, seed=2)  # fmt: skip
-    report = check_health(data, posterior=posterior, mala_moves=20)
+    report = check_health(data, posterior=posterior, mala=MalaCheck(moves=20))
     assert not report.ok
     div = report["divergences"]
     assert div.status == "fail" and div.value == 1.0
@@ -330,12 +335,10 @@ def test_run_health_table(small, healthy):
 
 
 def test_bad_arguments(healthy):
-    with pytest.raises(ValueError, match="rhat_warn must be <= rhat_fail"):
-        check_health(healthy, rhat_warn=1.2, rhat_fail=1.1)
-    with pytest.raises(ValueError, match="spike_z must be > 0"):
-        check_health(healthy, spike_z=0)
-    with pytest.raises(ValueError, match="acceptance_range"):
-        check_health(healthy, acceptance_range=(0.9, 0.5))
+    with pytest.raises(TypeError, match="thresholds must be a HealthThresholds"):
+        check_health(healthy, thresholds={"min_ess": 50})
+    with pytest.raises(TypeError, match="mala must be a MalaCheck"):
+        check_health(healthy, mala={"moves": 20})
     with pytest.raises(TypeError, match="posterior must be a LocalPosterior"):
         check_health(healthy, posterior="nope")
     with pytest.raises(ValueError, match="non-empty mapping"):
@@ -345,3 +348,95 @@ def test_bad_arguments(healthy):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_health(healthy)  # no posterior: no acceptance check, and no warning
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"rhat_warn": 1.2, "rhat_fail": 1.1}, ValueError, "rhat_warn must be <= rhat_fail"),
+        ({"trend_z": 6.0}, ValueError, "trend_z must be <= trend_z_fail, got 6.0 > 5.0"),
+        ({"min_ess": 500.0}, ValueError, "min_ess must be <= target_ess"),
+        ({"distance_factor_fail": 2.0}, ValueError, "distance_factor must be <= distance_"),
+        ({"spike_z": 0}, ValueError, "spike_z must be > 0"),
+        ({"anchor_z": -1.0}, ValueError, "anchor_z must be > 0"),
+        ({"target_ess": float("inf")}, ValueError, "target_ess must be finite"),
+        ({"min_ess": "50"}, TypeError, "min_ess must be a real number"),
+        ({"acceptance_range": (0.9, 0.5)}, ValueError, "acceptance_range must satisfy"),
+        ({"acceptance_range": (0.5, 1.5)}, ValueError, "acceptance_range must satisfy"),
+        ({"acceptance_range": (0.5,)}, ValueError, "acceptance_range must be two numbers"),
+        ({"spike_vars": ["loss", 3]}, TypeError, "spike_vars must be a sequence of variable"),
+    ],
+)
+def test_thresholds_are_validated_when_made(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        HealthThresholds(**kwargs)
+
+
+def test_thresholds_defaults_and_normal_form():
+    t = HealthThresholds()
+    assert (t.min_ess, t.target_ess) == (MIN_ESS, TARGET_ESS)
+    assert t.spike_vars == ("eval_loss", "loss") and t.acceptance_range == (0.5, 0.99)
+    # Numbers become floats, one name a 1-tuple, a list a tuple: equal settings compare
+    # equal and hash alike, and a frozen object cannot be changed behind a report's back.
+    u = HealthThresholds(min_ess=50, spike_vars="eval_loss", acceptance_range=[0.4, 1])
+    same = HealthThresholds(min_ess=50.0, spike_vars=("eval_loss",), acceptance_range=(0.4, 1.0))
+    assert u == same and hash(u) == hash(same) and isinstance(u.min_ess, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        u.min_ess = 10.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"step_size": 0.0}, ValueError, "step_size must be > 0"),
+        ({"batch": "second"}, ValueError, "batch must be 'first' or 'full'"),
+        ({"moves": 0}, ValueError, "moves must be >= 1"),
+        ({"moves": 2.5}, TypeError, "moves must be an int"),
+        ({"chains": 0}, ValueError, "chains must be >= 1"),
+    ],
+)
+def test_mala_check_is_validated_when_made(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        MalaCheck(**kwargs)
+
+
+def test_thresholds_decide_the_verdicts():
+    """The same run judged with other thresholds: a failing ESS becomes a warning, a
+    warning spike becomes ok, and check_run_health applies them to every component."""
+    rng = np.random.default_rng(9)
+    x = 1.0 + 0.01 * _ar1(rng, 4, 200, rho=0.95)  # ESS ≈ 20
+    data = _idata(x, anchor=0.9)
+    assert check_health(data)["autocorrelation"].status == "fail"
+    lenient = HealthThresholds(min_ess=10.0)
+    auto = check_health(data, thresholds=lenient)["autocorrelation"]
+    assert auto.status == "warn" and auto.details["min_ess"] == 10.0
+    run = check_run_health({"a": data, "b": data}, thresholds=lenient)
+    assert run.statuses() == {"a": "warn", "b": "warn"}
+
+    spiky = _stationary(seed=5)
+    spiky[2, 250] += 1.0
+    assert check_health(_idata(spiky, anchor=0.9))["spikes"].status == "warn"
+    report = check_health(_idata(spiky, anchor=0.9), thresholds=HealthThresholds(spike_z=1e6))
+    assert report["spikes"].status == "ok"
+    # Screening only a variable that holds no spike.
+    only_loss = HealthThresholds(spike_vars="loss")
+    report = check_health(_idata(spiky, loss=_stationary(seed=5), anchor=0.9), thresholds=only_loss)
+    assert report["spikes"].status == "ok"
+    assert set(report["spikes"].details["per_variable"]) == {"loss"}
+
+
+def test_mala_check_settings_reach_the_acceptance_run(small, healthy):
+    _, posterior, lam_max = small
+    verdict = check_health(
+        healthy, posterior=posterior, mala=MalaCheck(moves=7, chains=2, batch="full"), seed=3
+    )["mala_acceptance"]
+    assert verdict.details["num_moves"] == 7 and len(verdict.details["per_chain"]) == 2
+    direct = check_mala_acceptance(
+        posterior, verdict.details["step_size"], batch=None, num_chains=2, num_moves=7, seed=3
+    )
+    assert verdict.value == direct.value
+    # An explicit ε is scored in place of the run's own.
+    other = check_health(
+        healthy, posterior=posterior, mala=MalaCheck(step_size=0.5 / lam_max, moves=7)
+    )["mala_acceptance"]
+    assert other.details["step_size"] == pytest.approx(0.5 / lam_max)

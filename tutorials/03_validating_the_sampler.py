@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 
 import bayes_susc
-from bayes_susc.checks.calibration import calibrate
+from bayes_susc.checks.calibration import CalibrationGrid, calibrate
 from bayes_susc.checks.ground_truth import (
     LinearGaussianProblem,
     sgld_stationary_cov,
@@ -296,9 +296,7 @@ cal = calibrate(
     posterior.component,
     eval_data=eval_batches,
     probe_data=probe_batches,
-    step_sizes=(3e-4, 1e-3, 3e-3, 7e-3),
-    nbetas=(30.0,),
-    gammas=(300.0,),
+    grid=CalibrationGrid(step_sizes=(3e-4, 1e-3, 3e-3, 7e-3), nbetas=(30.0,), gammas=(300.0,)),
     num_draws=200,
     num_burnin=100,
     steps_per_draw=5,

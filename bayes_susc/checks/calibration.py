@@ -39,8 +39,8 @@ half of χ's product series, ΔL_i = ℓ_i − L_E (median and minimum over prob
 Note what the rule does not see: the health checks judge a *short* run. With the
 default thresholds (``min_ess`` = 100) a setting whose φ has an autocorrelation time
 above ``num_chains·num_draws/100`` draws fails the ``autocorrelation`` check; that is a
-slow-mixing setting, which the score would rank low anyway. Pass ``health_kwargs`` to
-change thresholds.
+slow-mixing setting, which the score would rank low anyway. Pass
+``health=HealthThresholds(...)`` to change thresholds.
 
 Nor does the score see step-size *bias*: maximizing ESS per gradient favours large
 ε·λ. For SGLD every row reports ``step_bias`` = ελ/(4 − ελ), the excess stationary
@@ -51,10 +51,41 @@ linear–Gaussian test problem the rule picks ε = 1e-3, γ = 1000 (step_bias 38
 chain χ is off the posterior χ by up to 38 % of the largest |χ|; with
 ``max_step_bias=0.1`` it recommends ε = 3e-4, γ = 1000 (9 %) and reports that the short
 runs need to be longer.
+
+**Settings.** The grid is a frozen :class:`CalibrationGrid`, the health thresholds a
+:class:`~bayes_susc.checks.health.HealthThresholds`, the MALA acceptance run a
+:class:`~bayes_susc.checks.health.MalaCheck` (or None to skip it); each validates itself
+when made. The kernel is a registered name plus ``kernel_hyperparameters`` (all but
+``step_size``, which the grid sweeps), built once per grid ε before anything is sampled.
+
+**Config files** (``bayes-susc calibrate CONFIG``, :func:`calibrate_from_config`)::
+
+    factory = "package.module:function"   # returns model, loss_fn, train_data, ...
+    out = "runs/calibration"
+    [factory_kwargs]                       # passed to the factory
+    [calibrate]
+    step_sizes = [3e-4, 1e-3, 3e-3]        # -> grid=CalibrationGrid(...), with nbetas, gammas
+    nbetas = [30.0]
+    gammas = [300.0, 1000.0]
+    kernel = "sghmc"                       # default "sgld"
+    friction = 10.0                        # the kernel's own: -> kernel_hyperparameters
+    num_draws = 100                        # num_chains, num_burnin, steps_per_draw, seed too
+    max_step_bias = 0.1
+    mala_check = true                      # false -> mala=None (no acceptance check)
+    [calibrate.health]                     # -> health=HealthThresholds(...)
+    min_ess = 50.0
+    [calibrate.mala]                       # -> mala=MalaCheck(...): batch, moves, chains
+    moves = 50
+
+``[calibrate.health_kwargs]``, the table's first name, is still read as
+``[calibrate.health]``, with a ``FutureWarning``; its former keys ``mala_moves`` and
+``mala_chains`` are ``moves`` and ``chains`` of ``[calibrate.mala]`` now. Every error
+names its key (``[calibrate.health.min_ess] must be <= target_ess, ...``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -73,11 +104,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bayes_susc.checks.health import HealthReport, check_health
+from bayes_susc.checks.health import HealthReport, HealthThresholds, MalaCheck, check_health
 from bayes_susc.checks.step_size_bias import sgld_variance_inflation, stiffest_curvature
 from bayes_susc.errors import ConfigError, DivergenceWarning
 from bayes_susc.estimation import convergence
-from bayes_susc.kernels.base import available_kernels, make_kernel
+from bayes_susc.kernels.base import (
+    Kernel,
+    available_kernels,
+    kernel_hyperparameter_names,
+    make_kernel,
+)
 from bayes_susc.sampling.driver import sample
 from bayes_susc.storage.draws import get_group, to_jsonable
 from bayes_susc.target.components import Component, ResolvedComponent
@@ -86,6 +122,7 @@ from bayes_susc.validation import check_int, check_nonnegative, check_positive
 
 __all__ = [
     "CalibrationConfigError",
+    "CalibrationGrid",
     "CalibrationResult",
     "LITERATURE_DEFAULTS",
     "NEAR_TIE",
@@ -128,7 +165,13 @@ _PRIORITY = (
 # ----------------------------------------------------------------------------- results
 @dataclass(frozen=True, order=True)
 class Setting:
-    """One point of the grid."""
+    """One point of the grid.
+
+    Attributes:
+        step_size: ε, in the kernel's step-size units (SGLD: the Langevin step).
+        nbeta: nβ, inverse temperature times the training-set size (dimensionless).
+        gamma: γ, localization strength (nats per squared weight unit).
+    """
 
     step_size: float
     nbeta: float
@@ -136,10 +179,46 @@ class Setting:
 
     @property
     def label(self) -> str:
+        """``ε=…, nβ=…, γ=…``: the setting in one short line."""
         return f"ε={self.step_size:g}, nβ={self.nbeta:g}, γ={self.gamma:g}"
 
     def to_dict(self) -> dict[str, float]:
+        """``{"step_size": ε, "nbeta": nβ, "gamma": γ}``."""
         return {"step_size": self.step_size, "nbeta": self.nbeta, "gamma": self.gamma}
+
+
+@dataclass(frozen=True)
+class CalibrationGrid:
+    """The (ε, nβ, γ) grid :func:`calibrate` sweeps: every combination is one setting.
+
+    Each field is a sequence of numbers (one number counts as a one-value grid), stored
+    as a tuple sorted ascending. Empty grids, repeated values, non-finite values and
+    values out of range raise ``ValueError`` (``TypeError`` for a non-number) naming the
+    field, e.g. ``step_sizes[1] must be > 0``.
+
+    Attributes:
+        step_sizes: ε values, in the kernel's step-size units (SGLD: the Langevin step
+            of DESIGN.md §2), each > 0.
+        nbetas: nβ values (inverse temperature times the training-set size,
+            dimensionless), each > 0.
+        gammas: γ values (localization strength, nats per squared weight unit), each >= 0.
+    """
+
+    step_sizes: tuple[float, ...] = DEFAULT_STEP_SIZES
+    nbetas: tuple[float, ...] = DEFAULT_NBETAS
+    gammas: tuple[float, ...] = DEFAULT_GAMMAS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "step_sizes", _grid("step_sizes", self.step_sizes))
+        object.__setattr__(self, "nbetas", _grid("nbetas", self.nbetas))
+        object.__setattr__(self, "gammas", _grid("gammas", self.gammas, allow_zero=True))
+
+    def settings(self) -> list[Setting]:
+        """Every point of the grid, ε slowest-varying, then nβ, then γ."""
+        return [
+            Setting(e, n, g)
+            for e, n, g in itertools.product(self.step_sizes, self.nbetas, self.gammas)
+        ]
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,10 +259,12 @@ class CalibrationResult:
 
     @property
     def components(self) -> list[str]:
+        """The components' names, in the order calibrated."""
         return list(dict.fromkeys(c for c, _ in self.reports))
 
     @property
     def grid(self) -> list[Setting]:
+        """Every setting swept, in grid order (ε, then nβ, then γ)."""
         return list(dict.fromkeys(s for _, s in self.reports))
 
     def summary(self) -> str:
@@ -351,6 +432,63 @@ def _grid(name: str, values: Any, *, allow_zero: bool = False) -> tuple[float, .
     if len(set(out)) != len(out):
         raise ValueError(f"{name} holds repeated values: {list(out)}")
     return tuple(sorted(out))
+
+
+def _check_run(
+    *,
+    num_chains: int,
+    num_draws: int,
+    num_burnin: int,
+    steps_per_draw: int,
+    seed: int,
+    max_step_bias: float | None,
+) -> dict[str, Any]:
+    """The short runs' counts and the bias bound, checked (calibrate() and the config
+    loader both call this, so their bounds cannot differ); returns them normalised."""
+    out: dict[str, Any] = {
+        key: check_int(key, value, minimum=_COUNT_MINIMUMS[key])
+        for key, value in (
+            ("num_chains", num_chains),
+            ("num_draws", num_draws),
+            ("num_burnin", num_burnin),
+            ("steps_per_draw", steps_per_draw),
+            ("seed", seed),
+        )
+    }
+    out["max_step_bias"] = (
+        None if max_step_bias is None else check_positive("max_step_bias", max_step_bias)
+    )
+    return out
+
+
+def _kernels(
+    kernel: str, hyperparameters: Mapping[str, Any], step_sizes: Sequence[float]
+) -> dict[float, Kernel]:
+    """One kernel per grid step size, built from the name and hyperparameters (the one
+    place calibrate() builds them; an error names what the kernel refuses)."""
+    if not isinstance(kernel, str):
+        raise TypeError(f"kernel must be a registered kernel name, got {kernel!r}")
+    if not isinstance(hyperparameters, Mapping):
+        raise TypeError(
+            f"kernel_hyperparameters must be a mapping name -> value, got {hyperparameters!r}"
+        )
+    names = kernel_hyperparameter_names(kernel)  # ValueError for an unregistered name
+    hyper = dict(hyperparameters)
+    if "step_size" in hyper:
+        raise ValueError(
+            "kernel_hyperparameters may not hold 'step_size': the grid's step_sizes are swept"
+        )
+    own = [n for n in names if n != "step_size"]
+    unknown = sorted(set(hyper) - set(own))
+    if unknown:
+        raise ValueError(
+            f"kernel_hyperparameters {unknown} are not hyperparameters of kernel {kernel!r}; "
+            f"it takes {own} besides step_size"
+        )
+    try:
+        return {eps: make_kernel(kernel, step_size=eps, **hyper) for eps in step_sizes}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"kernel {kernel!r} rejects {hyper}: {exc}") from None
 
 
 def _components(
@@ -556,21 +694,20 @@ def calibrate(
     *,
     eval_data: Any,
     probe_data: Any = None,
-    step_sizes: Sequence[float] = DEFAULT_STEP_SIZES,
-    nbetas: Sequence[float] = DEFAULT_NBETAS,
-    gammas: Sequence[float] = DEFAULT_GAMMAS,
+    grid: CalibrationGrid = CalibrationGrid(),
     kernel: str = "sgld",
+    kernel_hyperparameters: Mapping[str, float] | None = None,
     num_chains: int = 4,
     num_draws: int = 100,
     num_burnin: int = 50,
     steps_per_draw: int = 1,
     seed: int = 0,
-    mala_check: bool = True,
+    # Frozen settings: one default instance shared by every call cannot change.
+    health: HealthThresholds = HealthThresholds(),  # noqa: B008
+    mala: MalaCheck | None = MalaCheck(),  # noqa: B008
     max_step_bias: float | None = None,
-    health_kwargs: Mapping[str, Any] | None = None,
     progress: bool = False,
     callback: Callable[[str, Setting, dict[str, Any]], None] | None = None,
-    **kernel_kwargs: Any,
 ) -> CalibrationResult:
     """Sweep (ε, nβ, γ) on short chains, score each setting, recommend one.
 
@@ -584,62 +721,70 @@ def calibrate(
             name → list of parameter names. One setting is recommended for all.
         eval_data: the evaluation set E (φ and ``eval_loss``).
         probe_data: probe items; default ``eval_data``.
-        step_sizes: the grid's ε values (non-empty, each > 0).
-        nbetas: the grid's nβ values (non-empty, each > 0).
-        gammas: the grid's γ values (non-empty, each >= 0).
-        kernel: registered kernel name; ``step_size`` is passed as its ε.
-        num_chains: chains of every short run.
-        num_draws: kept draws per chain of every short run.
+        grid: the ε, nβ and γ values swept (:class:`CalibrationGrid`; default
+            ε ∈ {1e-4, 3e-4, 1e-3, 3e-3}, nβ = 30, γ ∈ {300, 1000}).
+        kernel: registered kernel name; each grid ε is its ``step_size``.
+        kernel_hyperparameters: the kernel's other hyperparameters (e.g.
+            ``{"friction": 10.0}`` for ``"sghmc"``, in the kernel's own units), the same
+            for every setting; not ``step_size``. Default: the kernel's defaults.
+        num_chains: chains of every short run (>= 2).
+        num_draws: kept draws per chain of every short run (>= 16).
         num_burnin: burn-in steps of every short run.
-        steps_per_draw: thinning of every short run.
-        seed: seed of every short run (the same for every setting: common random
-            numbers across the grid).
-        mala_check: score the MALA acceptance of the SGLD move (one extra gradient per
-            chain per move, 100 moves; only for ``kernel="sgld"``). False skips it.
+        steps_per_draw: thinning of every short run, in kernel steps per kept draw.
+        seed: seed of every short run and of its MALA acceptance run (the same for every
+            setting: common random numbers across the grid).
+        health: thresholds of the health checks (:class:`HealthThresholds`).
+        mala: how the MALA acceptance of the SGLD move is scored (only for
+            ``kernel="sgld"``; by default one extra gradient per chain per move, 100
+            moves, on the first training batch); its ``step_size`` must be None, since
+            each setting's ε is scored. None skips the check.
         max_step_bias: for ``kernel="sgld"``, the largest tolerated step-size bias
             ελ/(4 − ελ), the relative excess stationary variance along the stiffest
             direction of U (λ from :func:`bayes_susc.checks.step_size_bias.stiffest_curvature`
             on the first training batch). Settings above it fail a ``step_size_bias``
             check. Default None: the bias is reported (column ``step_bias``) but does not
             decide; 0.1 is a sensible bound where χ must match the posterior.
-        health_kwargs: thresholds for :func:`bayes_susc.checks.health.check_health`.
         progress: a progress bar per run.
         callback: ``callback(component, setting, row)`` after each run (e.g. logging).
-        **kernel_kwargs: further kernel hyperparameters (not ``step_size``).
 
     Returns:
         :class:`CalibrationResult`.
 
     Raises:
-        ValueError: an empty grid, a non-positive ε or nβ, negative γ, no components.
+        ValueError: a count below its minimum, a kernel hyperparameter the kernel
+            refuses, ``max_step_bias`` <= 0, no components or no ``eval_data``.
+        TypeError: ``grid``, ``health`` or ``mala`` of the wrong class.
     """
-    step_sizes = _grid("step_sizes", step_sizes)
-    nbetas = _grid("nbetas", nbetas)
-    gammas = _grid("gammas", gammas, allow_zero=True)
+    if not isinstance(grid, CalibrationGrid):
+        raise TypeError(f"grid must be a CalibrationGrid, got {type(grid).__name__}")
+    if not isinstance(health, HealthThresholds):
+        raise TypeError(f"health must be a HealthThresholds, got {type(health).__name__}")
+    if mala is not None and not isinstance(mala, MalaCheck):
+        raise TypeError(f"mala must be a MalaCheck or None, got {type(mala).__name__}")
+    if mala is not None and mala.step_size is not None:
+        raise ValueError("mala.step_size must be None: calibrate scores each setting's ε")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     comps = _components(components, model)
-    num_chains = check_int("num_chains", num_chains, minimum=_COUNT_MINIMUMS["num_chains"])
-    num_draws = check_int("num_draws", num_draws, minimum=_COUNT_MINIMUMS["num_draws"])
-    num_burnin = check_int("num_burnin", num_burnin, minimum=_COUNT_MINIMUMS["num_burnin"])
-    steps_per_draw = check_int(
-        "steps_per_draw", steps_per_draw, minimum=_COUNT_MINIMUMS["steps_per_draw"]
+    run = _check_run(
+        num_chains=num_chains,
+        num_draws=num_draws,
+        num_burnin=num_burnin,
+        steps_per_draw=steps_per_draw,
+        seed=seed,
+        max_step_bias=max_step_bias,
     )
-    seed = check_int("seed", seed, minimum=_COUNT_MINIMUMS["seed"])
-    if not isinstance(kernel, str):
-        raise TypeError(f"kernel must be a registered kernel name, got {kernel!r}")
-    if "step_size" in kernel_kwargs:
-        raise TypeError("pass step sizes as step_sizes=(...), not step_size=")
+    num_chains, num_draws, num_burnin = run["num_chains"], run["num_draws"], run["num_burnin"]
+    steps_per_draw, seed, max_step_bias = run["steps_per_draw"], run["seed"], run["max_step_bias"]
+    hyper = dict(kernel_hyperparameters or {})
+    kernels = _kernels(kernel, hyper, grid.step_sizes)
     if eval_data is None:
         raise ValueError("eval_data must be given (a batch or a list of batches)")
     probe_data = eval_data if probe_data is None else probe_data
-    if max_step_bias is not None:
-        max_step_bias = check_positive("max_step_bias", max_step_bias)
-    health_kwargs = dict(health_kwargs or {})
-    if "posterior" in health_kwargs:
-        raise TypeError("health_kwargs may not hold 'posterior': use mala_check=")
+    step_sizes, nbetas, gammas = grid.step_sizes, grid.nbetas, grid.gammas
+    mala_check = mala is not None and kernel == "sgld"
 
-    grid = [Setting(e, n, g) for e, n, g in itertools.product(step_sizes, nbetas, gammas)]
+    settings_grid = grid.settings()
     grad_evals = num_chains * (num_burnin + num_draws * steps_per_draw)
     rows, reports, traces, anchors = {}, {}, {}, {}
     for (name, comp), nb, ga in itertools.product(comps, nbetas, gammas):
@@ -653,7 +798,7 @@ def calibrate(
                 warnings.simplefilter("ignore", DivergenceWarning)
                 data = sample(
                     posterior,
-                    kernel,
+                    kernels[eps],
                     eval_data=eval_data,
                     probe_data=probe_data,
                     num_chains=num_chains,
@@ -662,14 +807,13 @@ def calibrate(
                     steps_per_draw=steps_per_draw,
                     seed=seed,
                     progress=progress,
-                    step_size=eps,
-                    **kernel_kwargs,
                 )
                 report = check_health(
                     data,
-                    posterior=posterior if mala_check and kernel == "sgld" else None,
+                    posterior=posterior if mala_check else None,
+                    thresholds=health,
+                    mala=mala if mala is not None else MalaCheck(),
                     seed=seed,
-                    **health_kwargs,
                 )
                 row = _scores(data, report, grad_evals)
             row["curvature"] = curvature
@@ -693,7 +837,7 @@ def calibrate(
             if callback is not None:
                 callback(name, setting, row)
 
-    order = [(n, s.step_size, s.nbeta, s.gamma) for n, _ in comps for s in grid]
+    order = [(n, s.step_size, s.nbeta, s.gamma) for n, _ in comps for s in settings_grid]
     table = pd.DataFrame.from_dict({k: rows[k] for k in order}, orient="index")
     table.index = pd.MultiIndex.from_tuples(
         order, names=["component", "step_size", "nbeta", "gamma"]
@@ -701,7 +845,7 @@ def calibrate(
     first = ["status", "n_fail", "n_warn", "failed_checks", "warned_checks"]
     table = table[first + [c for c in table.columns if c not in first]]
     settings = _settings_table(table)
-    ordered_reports = {(n, s): reports[(n, s)] for n, _ in comps for s in grid}
+    ordered_reports = {(n, s): reports[(n, s)] for n, _ in comps for s in settings_grid}
     recommended, passed, reasons = _recommend(settings, ordered_reports)
     bias = settings.loc[(recommended.step_size, recommended.nbeta, recommended.gamma)][
         "max_step_bias"
@@ -720,16 +864,17 @@ def calibrate(
         "nbetas": list(nbetas),
         "gammas": list(gammas),
         "kernel": kernel,
-        "kernel_kwargs": dict(kernel_kwargs),
+        "kernel_hyperparameters": hyper,
         "num_chains": num_chains,
         "num_draws": num_draws,
         "num_burnin": num_burnin,
         "steps_per_draw": steps_per_draw,
         "grad_evals_per_run": grad_evals,
         "seed": seed,
-        "mala_check": bool(mala_check and kernel == "sgld"),
+        "mala_check": mala_check,
+        "mala": dataclasses.asdict(mala) if mala_check and mala is not None else None,
         "max_step_bias": max_step_bias,
-        "health_kwargs": health_kwargs,
+        "health": dataclasses.asdict(health),
         "near_tie": NEAR_TIE,
         "literature_defaults": dict(LITERATURE_DEFAULTS),
     }
@@ -759,28 +904,40 @@ class CalibrationConfigError(ConfigError):
 
 _TOP_LEVEL = "the config's top level"
 _TOP_SPEC = {"factory": "factory", "factory_kwargs": "table", "out": "str", "calibrate": "table"}
-# What a config may give each keyword parameter of calibrate(). The others come from the
-# factory (the data), the command line (progress) or cannot be written in TOML (callback);
-# tests/test_calibration.py keeps this in step with calibrate()'s signature.
-_CALIBRATE_SPEC = {
-    "step_sizes": "list[number]",
-    "nbetas": "list[number]",
-    "gammas": "list[number]",
-    "kernel": "str",
-    "num_chains": "int",
-    "num_draws": "int",
-    "num_burnin": "int",
-    "steps_per_draw": "int",
-    "seed": "int",
-    "mala_check": "bool",
-    "max_step_bias": "number|null",
-    "health_kwargs": "table",
+# Each [calibrate] key: the kind of value it takes and the calibrate() parameter it becomes.
+# The chosen kernel's own hyperparameters are [calibrate] keys too (they become
+# kernel_hyperparameters). calibrate()'s other parameters come from the factory (the data),
+# the command line (progress) or cannot be written in TOML (callback).
+# tests/test_calibration.py keeps this in step with calibrate()'s signature and with the
+# fields of CalibrationGrid, HealthThresholds and MalaCheck.
+_CALIBRATE_SPEC: dict[str, tuple[str, str]] = {
+    "step_sizes": ("list[number]", "grid"),
+    "nbetas": ("list[number]", "grid"),
+    "gammas": ("list[number]", "grid"),
+    "kernel": ("str", "kernel"),
+    "num_chains": ("int", "num_chains"),
+    "num_draws": ("int", "num_draws"),
+    "num_burnin": ("int", "num_burnin"),
+    "steps_per_draw": ("int", "steps_per_draw"),
+    "seed": ("int", "seed"),
+    "max_step_bias": ("number|null", "max_step_bias"),
+    "health": ("table", "health"),
+    "health_kwargs": ("table", "health"),  # the old name of [calibrate.health]
+    "mala_check": ("bool", "mala"),
+    "mala": ("table", "mala"),
 }
-# calibrate() hands check_health these itself; the rest of its keywords are thresholds.
-_HEALTH_FIXED = {"data", "posterior", "seed", "mala_batch"}
+# [calibrate.mala]: MalaCheck's fields but step_size, which each setting's ε fills.
+_MALA_SPEC = {"batch": "str", "moves": "int", "chains": "int|null"}
+# Keys the old [calibrate.health_kwargs] took that belong elsewhere now.
+_MOVED_HEALTH_KEYS = {
+    "mala_moves": "'moves' in [calibrate.mala]",
+    "mala_chains": "'chains' in [calibrate.mala]",
+    "mala_step_size": "not settable: calibrate scores each setting's ε",
+}
 _TYPE_WORDS = {
     "str": "a string",
     "int": "an integer",
+    "int|null": "an integer (or null)",
     "number": "a number",
     "number|null": "a number (or null)",
     "bool": "true or false",
@@ -795,10 +952,13 @@ _FACTORY_KEYS = {"model", "loss_fn", "train_data", "eval_data", "probe_data", "c
 
 def _type_ok(kind: str, value: Any) -> bool:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    integer = isinstance(value, int) and not isinstance(value, bool)
     if kind in ("str", "factory"):
         return isinstance(value, str)
     if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
+        return integer
+    if kind == "int|null":
+        return integer or value is None
     if kind == "number":
         return number
     if kind == "number|null":
@@ -816,9 +976,11 @@ def _type_ok(kind: str, value: Any) -> bool:
     return kind == "any"
 
 
-def _check_keys(where: str, table: Any, spec: Mapping[str, str]) -> dict[str, Any]:
+def _check_keys(
+    where: str, table: Any, spec: Mapping[str, str], moved: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """``table`` is a table whose keys are all in ``spec`` and whose values have the kinds
-    ``spec`` names; returns it as a dict."""
+    ``spec`` names; returns it as a dict. ``moved``: where keys that left it went."""
     if not isinstance(table, Mapping):
         raise CalibrationConfigError(
             f"{where} must be a table, got {table!r} ({type(table).__name__})"
@@ -826,11 +988,15 @@ def _check_keys(where: str, table: Any, spec: Mapping[str, str]) -> dict[str, An
     allowed = sorted(spec)
     unknown = sorted(set(table) - set(spec))
     if unknown:
-        hints = {k: difflib.get_close_matches(str(k), allowed, n=1) for k in unknown}
-        hint = "; ".join(f"did you mean {m[0]!r} for {k!r}?" for k, m in hints.items() if m)
+        moved = moved or {}
+        hints = [f"{k!r} is now {moved[k]}" for k in unknown if k in moved]
+        for k in unknown:
+            match = difflib.get_close_matches(str(k), allowed, n=1)
+            if match and k not in moved:
+                hints.append(f"did you mean {match[0]!r} for {k!r}?")
         raise CalibrationConfigError(
             f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
-            f"in {where}; allowed keys: {allowed}" + (f" ({hint})" if hint else "")
+            f"in {where}; allowed keys: {allowed}" + (f" ({'; '.join(hints)})" if hints else "")
         )
     for key, value in table.items():
         if not _type_ok(spec[key], value):
@@ -845,47 +1011,57 @@ def _key(where: str, key: str) -> str:
     return f"{where[:-1]}.{key}]" if where.startswith("[") else repr(key)
 
 
-def _kernel_spec(name: str) -> dict[str, str] | None:
-    """[calibrate] keys of kernel ``name``'s own hyperparameters (step_size is the grid's);
-    None if they cannot be read without arguments (a user kernel with required ones)."""
+def _build(where: str, make: Callable[..., Any], values: Mapping[str, Any], names: Any) -> Any:
+    """``make(**values)``, a ``TypeError`` or ``ValueError`` of it raised again as a
+    :class:`CalibrationConfigError` naming the key: the settings classes and checks start
+    their messages with the field's name (one of ``names``), which becomes the key."""
+    try:
+        return make(**values)
+    except (TypeError, ValueError) as exc:
+        msg = str(exc)
+        for name in sorted(names, key=len, reverse=True):  # "trend_z_fail" before "trend_z"
+            rest = msg[len(name) :]
+            if msg.startswith(name) and not (rest[:1].isalnum() or rest[:1] == "_"):
+                raise CalibrationConfigError(_key(where, name) + rest) from None
+        raise CalibrationConfigError(f"{where} {msg}") from None
+
+
+def _kernel_spec(name: str) -> dict[str, str]:
+    """[calibrate] keys of kernel ``name``'s own hyperparameters (step_size is the grid's):
+    a number where the kernel's default is one, else anything (the kernel checks it)."""
     try:
         defaults = make_kernel(name).hyperparameters()
-    except Exception:  # any failure of a user's factory means only "names unknown here"
-        return None
+    except Exception:  # a user's factory with required arguments: no defaults to read
+        defaults = {}
     return {
-        k: "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else "any"
-        for k, v in defaults.items()
+        k: "number"
+        if isinstance(defaults.get(k), (int, float)) and not isinstance(defaults.get(k), bool)
+        else "any"
+        for k in kernel_hyperparameter_names(name)
         if k != "step_size"
     }
 
 
 def _health_spec() -> dict[str, str]:
-    """[calibrate.health_kwargs] keys: check_health's thresholds, kinds from their defaults."""
+    """[calibrate.health] keys: the fields of HealthThresholds, kinds from their defaults."""
     spec = {}
-    for name, p in inspect.signature(check_health).parameters.items():
-        if name in _HEALTH_FIXED or p.kind is not inspect.Parameter.KEYWORD_ONLY:
-            continue
-        d = p.default
-        if isinstance(d, bool):
-            spec[name] = "bool"
-        elif isinstance(d, int):
-            spec[name] = "int"
-        elif isinstance(d, float):
-            spec[name] = "number"
-        elif isinstance(d, tuple) and d and all(isinstance(v, str) for v in d):
-            spec[name] = "list[str]"
-        elif isinstance(d, tuple) and d:
-            spec[name] = "list[number]"
-        else:  # no telling default (None): check_health checks the value itself
-            spec[name] = "any"
+    for f in dataclasses.fields(HealthThresholds):
+        if isinstance(f.default, tuple):
+            strings = all(isinstance(v, str) for v in f.default)
+            spec[f.name] = "list[str]" if strings else "list[number]"
+        else:
+            spec[f.name] = "number"
     return spec
 
 
 def _check_calibrate(table: Any) -> dict[str, Any]:
-    """The [calibrate] table: keys (calibrate()'s settings and the kernel's own
-    hyperparameters), their types, the health thresholds' names and types, and the values
-    calibrate() itself would reject (grids, counts, max_step_bias, kernel hyperparameters),
-    so that a bad value fails before the factory builds anything."""
+    """The [calibrate] table, turned into :func:`calibrate`'s keyword arguments.
+
+    Its keys and their types are checked here; the values by the very classes and checks
+    :func:`calibrate` uses (:class:`CalibrationGrid`, :class:`HealthThresholds`,
+    :class:`MalaCheck`, the counts' and the kernel's checks), so that a bad value fails,
+    named by its key, before the factory builds anything.
+    """
     if not isinstance(table, Mapping):
         raise CalibrationConfigError(
             f"[calibrate] must be a table, got {table!r} ({type(table).__name__})"
@@ -896,40 +1072,70 @@ def _check_calibrate(table: Any) -> dict[str, Any]:
         raise CalibrationConfigError(
             f"[calibrate.kernel] must be a registered kernel {available_kernels()}, got {kernel!r}"
         )
-    kernel_spec = _kernel_spec(kernel)
-    spec = {**(kernel_spec or {}), **_CALIBRATE_SPEC}
-    if kernel_spec is None:  # unknown names: make_kernel below rejects what it does not take
-        spec.update({k: "any" for k in table if k not in spec and k != "step_size"})
+    spec = {**_kernel_spec(kernel), **{k: kind for k, (kind, _) in _CALIBRATE_SPEC.items()}}
     cal = _check_keys("[calibrate]", table, spec)
-    if "health_kwargs" in cal:
-        _check_keys("[calibrate.health_kwargs]", cal["health_kwargs"], _health_spec())
-
-    # The same checks calibrate() makes, named by their key; the types are right by now.
-    try:
-        step_sizes = _grid("[calibrate.step_sizes]", cal.get("step_sizes", DEFAULT_STEP_SIZES))
-        _grid("[calibrate.nbetas]", cal.get("nbetas", DEFAULT_NBETAS))
-        _grid("[calibrate.gammas]", cal.get("gammas", DEFAULT_GAMMAS), allow_zero=True)
-        for key, minimum in _COUNT_MINIMUMS.items():
-            if key in cal:
-                check_int(f"[calibrate.{key}]", cal[key], minimum=minimum)
-        if cal.get("max_step_bias") is not None:
-            check_positive("[calibrate.max_step_bias]", cal["max_step_bias"])
-    except (TypeError, ValueError) as exc:
-        raise CalibrationConfigError(str(exc)) from None
     hyper = {k: v for k, v in cal.items() if k not in _CALIBRATE_SPEC}
+    kwargs: dict[str, Any] = {"kernel": kernel, "kernel_hyperparameters": hyper}
+
+    grid_fields = [f.name for f in dataclasses.fields(CalibrationGrid)]
+    grid = _build(
+        "[calibrate]", CalibrationGrid, {k: cal[k] for k in grid_fields if k in cal}, grid_fields
+    )
+    kwargs["grid"] = grid
+    run_keys = ["num_chains", "num_draws", "num_burnin", "steps_per_draw", "seed", "max_step_bias"]
+    defaults = inspect.signature(calibrate).parameters
+    run = _build(
+        "[calibrate]",
+        _check_run,
+        {k: cal.get(k, defaults[k].default) for k in run_keys},
+        run_keys,
+    )
+    kwargs.update({k: run[k] for k in run_keys if k in cal})
     try:
-        make_kernel(kernel, step_size=step_sizes[0], **hyper)
+        _kernels(kernel, hyper, grid.step_sizes)
+    except (TypeError, ValueError) as exc:
+        raise CalibrationConfigError(f"[calibrate] {exc}") from None
     except Exception as exc:  # a user kernel's factory may raise anything on bad values
         raise CalibrationConfigError(
             f"[calibrate] kernel {kernel!r} rejects {hyper}: {exc}"
         ) from None
-    return cal
+
+    health_key = "health"
+    if "health_kwargs" in cal:
+        if "health" in cal:
+            raise CalibrationConfigError(
+                "[calibrate] holds both 'health' and 'health_kwargs' (its old name): "
+                "keep [calibrate.health] only"
+            )
+        warnings.warn(
+            "[calibrate.health_kwargs] is the old name of [calibrate.health]; it is read "
+            "as [calibrate.health] (rename it, the old name will go)",
+            FutureWarning,
+            stacklevel=4,
+        )
+        health_key = "health_kwargs"
+    if health_key in cal:
+        where = f"[calibrate.{health_key}]"
+        values = _check_keys(where, cal[health_key], _health_spec(), _MOVED_HEALTH_KEYS)
+        kwargs["health"] = _build(where, HealthThresholds, values, _health_spec())
+
+    if "mala" in cal:
+        values = _check_keys("[calibrate.mala]", cal["mala"], _MALA_SPEC)
+        if cal.get("mala_check") is False:
+            raise CalibrationConfigError(
+                "[calibrate.mala] is given but [calibrate.mala_check] = false skips the check: "
+                "drop one of them"
+            )
+        kwargs["mala"] = _build("[calibrate.mala]", MalaCheck, values, _MALA_SPEC)
+    elif cal.get("mala_check") is False:
+        kwargs["mala"] = None
+    return kwargs
 
 
 def _check_config(config: Any, where: str = "config") -> dict[str, Any]:
     """The whole config, before anything is imported or sampled: top-level keys and types,
     the factory's ``"package.module:function"`` form, and the [calibrate] table
-    (:func:`_check_calibrate`)."""
+    (:func:`_check_calibrate`, which turns it into :func:`calibrate`'s keywords)."""
     if not isinstance(config, Mapping):
         raise CalibrationConfigError(
             f"{where} must hold a table/object at the top level, got {type(config).__name__}"
@@ -951,15 +1157,22 @@ def _check_config(config: Any, where: str = "config") -> dict[str, Any]:
 
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a calibration config (TOML, or JSON by the ``.json`` suffix) and check it; see
-    :func:`calibrate_from_config` for its keys.
+    the module docstring and :func:`calibrate_from_config` for its keys.
 
     Checked here, before any import or sampling: the file exists and parses; only known
     keys at the top level, in ``[calibrate]`` (:func:`calibrate`'s settings plus the
-    chosen kernel's own hyperparameters) and in ``[calibrate.health_kwargs]``
-    (:func:`bayes_susc.checks.health.check_health`'s thresholds); every value's type;
-    the factory's ``"package.module:function"`` form; and the values :func:`calibrate`
-    rejects (empty, repeated or non-positive grid values, counts below their minimums, a
-    ``max_step_bias`` <= 0, kernel hyperparameters the kernel refuses).
+    chosen kernel's own hyperparameters), in ``[calibrate.health]`` (the fields of
+    :class:`~bayes_susc.checks.health.HealthThresholds`; ``health_kwargs`` is read as
+    its old name, with a ``FutureWarning``) and in ``[calibrate.mala]``; every value's
+    type; the factory's ``"package.module:function"`` form; and every value, by the
+    classes and checks :func:`calibrate` itself uses (empty, repeated or non-positive
+    grid values, counts below their minimums, a ``max_step_bias`` <= 0, thresholds out
+    of order, kernel hyperparameters the kernel refuses).
+
+    Returns:
+        the config as a dict; its ``"calibrate"`` entry holds :func:`calibrate`'s keyword
+        arguments built from the table (``grid``, ``kernel``, ``kernel_hyperparameters``,
+        ``health``, ``mala``, ...), those the table does not set left to their defaults.
 
     Raises:
         CalibrationConfigError: naming the offending key and what it expects.
@@ -1049,11 +1262,10 @@ def calibrate_from_config(
     The config names a factory ``"package.module:function"`` that returns a mapping
     with ``model``, ``loss_fn``, ``train_data``, ``eval_data``, ``components`` (a
     list of Components) and optionally ``probe_data``; ``factory_kwargs`` are passed to
-    it; the ``calibrate`` table holds keyword arguments of :func:`calibrate`
-    (``step_sizes``, ``nbetas``, ``gammas``, ``kernel``, ``num_chains``, ``num_draws``,
-    ``num_burnin``, ``steps_per_draw``, ``seed``, ``mala_check``, ``max_step_bias``,
-    ``health_kwargs``) and the kernel's own hyperparameters (e.g. ``friction`` for
-    ``"sghmc"``); ``out`` is the output folder (default ``runs/calibration``).
+    it; the ``calibrate`` table holds the sweep's settings (the keys of the module
+    docstring's "Config files": the grid, the kernel and its own hyperparameters, the
+    counts, ``max_step_bias``, ``[calibrate.health]`` and ``[calibrate.mala]``);
+    ``out`` is the output folder (default ``runs/calibration``).
 
     The whole config is checked (:func:`load_config`), and the factory imported and its
     kwargs matched to its signature, before the factory is called or anything sampled.
@@ -1082,7 +1294,7 @@ def calibrate_from_config(
         if missing:
             raise ValueError(f"unknown components {missing}; known: {sorted(by_name)}")
         comps = [by_name[c] for c in components]
-    kwargs = dict(cfg.get("calibrate", {}))
+    kwargs = dict(cfg["calibrate"])
     result = calibrate(
         inputs.pop("model"),
         inputs.pop("loss_fn"),

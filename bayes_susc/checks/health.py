@@ -69,7 +69,10 @@ The checks (names as in :attr:`Verdict.name`):
     Rosenthal 1998); an unadjusted SGLD run wants a higher value, since 1 − acceptance
     measures its per-step bias, hence the range.
 
-Thresholds are keyword arguments of :func:`check_health` with the defaults above.
+The thresholds are the fields of one frozen :class:`HealthThresholds`, validated when it
+is made, with the defaults above (also the module constants ``TREND_Z``, ``MIN_ESS``, ...);
+how the ``mala_acceptance`` run is made (its ε, batch, moves and chains) is a
+:class:`MalaCheck`. :func:`check_health` and :func:`check_run_health` take one of each.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ from bayes_susc.validation import check_finite, check_int, check_positive
 
 __all__ = [
     "HealthReport",
+    "HealthThresholds",
+    "MalaCheck",
     "RunHealth",
     "Verdict",
     "check_health",
@@ -106,7 +111,7 @@ _RANK = {s: i for i, s in enumerate(STATUSES)}
 _NONE = "none needed"
 _MAD_TO_SD = 1.4826  # MAD of a normal sample × this = its standard deviation
 
-# Default thresholds (documented in the module docstring and in check_health).
+# Default thresholds (documented in the module docstring and in HealthThresholds).
 TREND_Z = 3.0
 TREND_Z_FAIL = 5.0
 ANCHOR_Z = 3.0
@@ -120,6 +125,128 @@ DISTANCE_FACTOR = 3.0
 DISTANCE_FACTOR_FAIL = 10.0
 ACCEPTANCE_RANGE = (0.5, 0.99)
 MALA_MOVES = 100
+
+
+# ---------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class HealthThresholds:
+    """The thresholds of every check of :func:`check_health`, validated once, here.
+
+    The module docstring says what each check measures and where each default comes
+    from. Every number must be finite and > 0, each warn threshold at most its fail
+    threshold (for the ESS: ``min_ess`` <= ``target_ess``), else ``ValueError`` (a
+    ``TypeError`` for a value that is not a number), naming the field.
+
+    Attributes:
+        trend_z: |z| (in standard errors) of the last- vs third-quarter mean above which
+            ``loss_trend`` and the ``distance`` trend warn (default 3: a stationary chain
+            exceeds it in 0.3–2 % of runs).
+        trend_z_fail: |z| above which they fail (default 5).
+        anchor_z: standard errors below L(w*) at which ``loss_anchor`` warns (default 3).
+        spike_z: robust z (robust SDs, median/MAD, of the draw-to-draw increments) of an
+            increment counted as a spike (default 20).
+        spike_vars: traces (posterior or sample_stats variables) whose increments are
+            screened (default the eval and the minibatch loss); a single name is one trace.
+        rhat_warn: rank-normalized split R-hat (dimensionless) above which ``rhat``
+            warns (default 1.01).
+        rhat_fail: R-hat above which ``rhat`` fails (default 1.1).
+        target_ess: ESS of φ (in draws, summed over chains) below which
+            ``autocorrelation`` warns (default 400).
+        min_ess: ESS of φ below which ``autocorrelation`` fails (default 100).
+        distance_factor: RMS ‖v − v*‖ in units of the localization scale sqrt(dim/γ)
+            above which ``distance`` warns (default 3).
+        distance_factor_fail: the same ratio above which it fails (default 10).
+        acceptance_range: healthy MALA acceptance probability (low, high),
+            0 <= low < high <= 1 (default (0.5, 0.99)).
+    """
+
+    trend_z: float = TREND_Z
+    trend_z_fail: float = TREND_Z_FAIL
+    anchor_z: float = ANCHOR_Z
+    spike_z: float = SPIKE_Z
+    spike_vars: tuple[str, ...] = SPIKE_VARS
+    rhat_warn: float = RHAT_WARN
+    rhat_fail: float = RHAT_FAIL
+    target_ess: float = TARGET_ESS
+    min_ess: float = MIN_ESS
+    distance_factor: float = DISTANCE_FACTOR
+    distance_factor_fail: float = DISTANCE_FACTOR_FAIL
+    acceptance_range: tuple[float, float] = ACCEPTANCE_RANGE
+
+    def __post_init__(self) -> None:
+        for name in (
+            "trend_z",
+            "trend_z_fail",
+            "anchor_z",
+            "spike_z",
+            "rhat_warn",
+            "rhat_fail",
+            "target_ess",
+            "min_ess",
+            "distance_factor",
+            "distance_factor_fail",
+        ):
+            object.__setattr__(self, name, check_positive(name, getattr(self, name)))
+        for lo_name, hi_name in (
+            ("trend_z", "trend_z_fail"),
+            ("rhat_warn", "rhat_fail"),
+            ("min_ess", "target_ess"),
+            ("distance_factor", "distance_factor_fail"),
+        ):
+            lo, hi = getattr(self, lo_name), getattr(self, hi_name)
+            if lo > hi:
+                raise ValueError(f"{lo_name} must be <= {hi_name}, got {lo} > {hi}")
+        object.__setattr__(self, "acceptance_range", _check_range(self.acceptance_range))
+        spike_vars = self.spike_vars
+        if isinstance(spike_vars, str):
+            spike_vars = (spike_vars,)
+        if not isinstance(spike_vars, Sequence) or not all(isinstance(v, str) for v in spike_vars):
+            raise TypeError(f"spike_vars must be a sequence of variable names, got {spike_vars!r}")
+        object.__setattr__(self, "spike_vars", tuple(spike_vars))
+
+
+@dataclass(frozen=True)
+class MalaCheck:
+    """How the ``mala_acceptance`` check scores the SGLD move when :func:`check_health`
+    is given the run's :class:`LocalPosterior` (see :func:`mala_acceptance`).
+
+    Invalid values raise ``ValueError`` (``TypeError`` for a wrong type) naming the field.
+
+    Attributes:
+        step_size: ε of the scored move, in the kernel's step-size units (SGLD's Langevin
+            step); ``None``: the run's recorded ``step_size``. Given, it also scores runs
+            of kernels other than SGLD (an SGLD move of that size).
+        batch: the fixed batch of U and ∇U: ``"first"`` (the first training batch, the
+            cost of one SG step per move) or ``"full"`` (the full training set). Any
+            other batch: call :func:`check_mala_acceptance` directly.
+        moves: scored moves per chain (each one gradient evaluation per chain).
+        chains: chains of the acceptance run; ``None``: as many as the run has.
+    """
+
+    step_size: float | None = None
+    batch: Literal["first", "full"] = "first"
+    moves: int = MALA_MOVES
+    chains: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.step_size is not None:
+            object.__setattr__(self, "step_size", check_positive("step_size", self.step_size))
+        if self.batch not in ("first", "full"):
+            raise ValueError(f"batch must be 'first' or 'full', got {self.batch!r}")
+        object.__setattr__(self, "moves", check_int("moves", self.moves, minimum=1))
+        if self.chains is not None:
+            object.__setattr__(self, "chains", check_int("chains", self.chains, minimum=1))
+
+
+def _check_range(r: Any) -> tuple[float, float]:
+    """``r`` as a (low, high) pair of probabilities, 0 <= low < high <= 1."""
+    try:
+        low, high = (check_finite("acceptance_range", float(v)) for v in r)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"acceptance_range must be two numbers (low, high), got {r!r}") from err
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"acceptance_range must satisfy 0 <= low < high <= 1, got {r!r}")
+    return low, high
 
 
 # ----------------------------------------------------------------------------- results
@@ -880,15 +1007,44 @@ def check_mala_acceptance(
     step_size: float,
     *,
     acceptance_range: tuple[float, float] = ACCEPTANCE_RANGE,
-    **kwargs: Any,
+    positions: Any = None,
+    batch: Batch | None = None,
+    num_chains: int = 4,
+    num_moves: int = MALA_MOVES,
+    num_burnin: int = 0,
+    seed: int = 0,
 ) -> Verdict:
     """:func:`mala_acceptance` judged against ``acceptance_range`` (default [0.5, 0.99]).
 
     Below the range fails ("step too large for this curvature: lower step_size"), above
-    it warns (the step could be raised). ``kwargs`` go to :func:`mala_acceptance`.
+    it warns (the step could be raised).
+
+    Args:
+        posterior: the local posterior.
+        step_size: ε of the SGLD move (the Langevin step).
+        acceptance_range: healthy acceptance probability (low, high), 0 <= low < high <= 1.
+        positions: start points (``(chains, dim)``); default ``num_chains`` copies of w*.
+        batch: the fixed batch for U and ∇U; ``None`` uses the full training set.
+        num_chains: chains when ``positions`` is not given.
+        num_moves: scored moves per chain.
+        num_burnin: moves made before scoring starts.
+        seed: noise seed (chain k's noise depends on (seed, k) only).
+
+    Returns:
+        the ``mala_acceptance`` :class:`Verdict`; its value is the mean acceptance
+        probability, its details the per-chain means and their standard error.
     """
     low, high = _check_range(acceptance_range)
-    probs = mala_acceptance(posterior, step_size, **kwargs)
+    probs = mala_acceptance(
+        posterior,
+        step_size,
+        positions=positions,
+        batch=batch,
+        num_chains=num_chains,
+        num_moves=num_moves,
+        num_burnin=num_burnin,
+        seed=seed,
+    )
     per_chain = probs.mean(axis=1)
     details = {
         "step_size": float(step_size),
@@ -901,37 +1057,13 @@ def check_mala_acceptance(
     return _acceptance_verdict(float(probs.mean()), low, high, "SGLD moves scored", details)
 
 
-def _check_range(r: tuple[float, float]) -> tuple[float, float]:
-    try:
-        low, high = (check_finite("acceptance_range", float(v)) for v in r)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"acceptance_range must be two numbers (low, high), got {r!r}") from err
-    if not 0.0 <= low < high <= 1.0:
-        raise ValueError(f"acceptance_range must satisfy 0 <= low < high <= 1, got {r!r}")
-    return low, high
-
-
 # ------------------------------------------------------------------------ entry points
 def check_health(
     data: Any,
     *,
     posterior: LocalPosterior | None = None,
-    trend_z: float = TREND_Z,
-    trend_z_fail: float = TREND_Z_FAIL,
-    anchor_z: float = ANCHOR_Z,
-    spike_z: float = SPIKE_Z,
-    spike_vars: Sequence[str] = SPIKE_VARS,
-    rhat_warn: float = RHAT_WARN,
-    rhat_fail: float = RHAT_FAIL,
-    target_ess: float = TARGET_ESS,
-    min_ess: float = MIN_ESS,
-    distance_factor: float = DISTANCE_FACTOR,
-    distance_factor_fail: float = DISTANCE_FACTOR_FAIL,
-    acceptance_range: tuple[float, float] = ACCEPTANCE_RANGE,
-    mala_step_size: float | None = None,
-    mala_batch: Batch | None = None,
-    mala_moves: int = MALA_MOVES,
-    mala_chains: int | None = None,
+    thresholds: HealthThresholds = HealthThresholds(),
+    mala: MalaCheck = MalaCheck(),
     seed: int = 0,
 ) -> HealthReport:
     """Health checks of one component's sampling run (see the module docstring).
@@ -939,53 +1071,25 @@ def check_health(
     Args:
         data: a result of :func:`bayes_susc.sample` (InferenceData or DataTree).
         posterior: the run's :class:`LocalPosterior`; enables the ``mala_acceptance``
-            check for SGLD runs (a ``"mala"`` run's recorded acceptance needs none).
-        trend_z: |z| of last- vs third-quarter means above which ``loss_trend`` and
-            ``distance`` warn (default 3: a stationary chain exceeds it in 0.3–2% of runs);
-            ``trend_z_fail``: above which they fail (default 5).
-        anchor_z: SEs below L(w*) at which ``loss_anchor`` warns (default 3).
-        spike_z: robust z (median/MAD) of an increment counted as a spike (default 20).
-        spike_vars: traces whose increments are screened (default eval and minibatch loss).
-        rhat_warn: R-hat above which the ``rhat`` check warns (default 1.01).
-        rhat_fail: R-hat above which the ``rhat`` check fails (default 1.1).
-        target_ess: ESS of φ below which ``autocorrelation`` warns (default 400);
-            ``min_ess``: below which it fails (default 100).
-        distance_factor: RMS ‖v − v*‖ / sqrt(dim/γ) above which ``distance`` warns
-            (default 3); ``distance_factor_fail``: fails (default 10).
-        acceptance_range: healthy MALA acceptance (default (0.5, 0.99)).
-        mala_step_size: ε to score (default: the run's ``step_size``).
-        mala_batch: fixed batch for the acceptance (default: the first training batch,
-            the cost of one SG step per move); pass ``"full"`` for the full training set.
-        mala_moves: moves scored per chain (default 100).
-        mala_chains: chains of the acceptance run (default: the run's number of chains).
-        seed: noise seed of the acceptance run.
+            check for SGLD runs (a ``"mala"`` run's recorded acceptance needs none), and
+            gives dim and γ to the ``distance`` check when the run does not record them.
+        thresholds: every check's thresholds (defaults in the module docstring).
+        mala: how the ``mala_acceptance`` run is made (ε, batch, moves, chains); used
+            only with ``posterior``.
+        seed: noise seed of the ``mala_acceptance`` run (the only randomness here).
 
     Returns:
         :class:`HealthReport`; ``report.ok`` is False when any check failed.
     """
-    trend_z = check_positive("trend_z", trend_z)
-    trend_z_fail = check_positive("trend_z_fail", trend_z_fail)
-    anchor_z = check_positive("anchor_z", anchor_z)
-    spike_z = check_positive("spike_z", spike_z)
-    rhat_warn = check_positive("rhat_warn", rhat_warn)
-    rhat_fail = check_positive("rhat_fail", rhat_fail)
-    target_ess = check_positive("target_ess", target_ess)
-    min_ess = check_positive("min_ess", min_ess)
-    distance_factor = check_positive("distance_factor", distance_factor)
-    distance_factor_fail = check_positive("distance_factor_fail", distance_factor_fail)
-    for lo_name, lo, hi_name, hi in (
-        ("trend_z", trend_z, "trend_z_fail", trend_z_fail),
-        ("rhat_warn", rhat_warn, "rhat_fail", rhat_fail),
-        ("min_ess", min_ess, "target_ess", target_ess),
-        ("distance_factor", distance_factor, "distance_factor_fail", distance_factor_fail),
-    ):
-        if lo > hi:
-            raise ValueError(f"{lo_name} must be <= {hi_name}, got {lo} > {hi}")
-    low, high = _check_range(acceptance_range)
-    if isinstance(spike_vars, str):
-        spike_vars = (spike_vars,)
+    if not isinstance(thresholds, HealthThresholds):
+        raise TypeError(f"thresholds must be a HealthThresholds, got {type(thresholds).__name__}")
+    if not isinstance(mala, MalaCheck):
+        raise TypeError(f"mala must be a MalaCheck, got {type(mala).__name__}")
+    seed = check_int("seed", seed, minimum=0)
     if posterior is not None and not isinstance(posterior, LocalPosterior):
         raise TypeError(f"posterior must be a LocalPosterior, got {type(posterior).__name__}")
+    t = thresholds
+    low, high = t.acceptance_range
 
     run = _read(data)
     alive = ~run.diverged
@@ -994,13 +1098,20 @@ def check_health(
     hyper = run.config.get("kernel_hyperparameters", {})
 
     verdicts: list[Verdict] = [_check_divergences(run)]
-    verdicts += _check_loss(run, alive, trend_z, trend_z_fail, anchor_z)
-    verdicts.append(_check_spikes(run, alive, spike_z, spike_vars))
+    verdicts += _check_loss(run, alive, t.trend_z, t.trend_z_fail, t.anchor_z)
+    verdicts.append(_check_spikes(run, alive, t.spike_z, t.spike_vars))
     for v in (
-        _check_rhat(run, alive, rhat_warn, rhat_fail),
-        _check_autocorrelation(run, alive, target_ess, min_ess),
+        _check_rhat(run, alive, t.rhat_warn, t.rhat_fail),
+        _check_autocorrelation(run, alive, t.target_ess, t.min_ess),
         _check_distance(
-            run, alive, dim, gamma, trend_z, trend_z_fail, distance_factor, distance_factor_fail
+            run,
+            alive,
+            dim,
+            gamma,
+            t.trend_z,
+            t.trend_z_fail,
+            t.distance_factor,
+            t.distance_factor_fail,
         ),
     ):
         if v is not None:
@@ -1019,7 +1130,7 @@ def check_health(
             )
         )
     elif posterior is not None:
-        step = mala_step_size if mala_step_size is not None else hyper.get("step_size")
+        step = mala.step_size if mala.step_size is not None else hyper.get("step_size")
         if step is None:
             verdicts.append(
                 Verdict(
@@ -1027,34 +1138,30 @@ def check_health(
                     "warn",
                     None,
                     "the run records no step_size to score",
-                    "pass mala_step_size=",
+                    "pass mala=MalaCheck(step_size=...)",
                 )
             )
-        elif run.kernel not in (None, "sgld") and mala_step_size is None:
+        elif run.kernel not in (None, "sgld") and mala.step_size is None:
             verdicts.append(
                 Verdict(
                     "mala_acceptance",
                     "ok",
                     None,
                     f"not scored: kernel {run.kernel!r} does not make the plain Langevin move",
-                    f"{_NONE} (pass mala_step_size= to score an SGLD move of that size)",
+                    f"{_NONE} (pass mala=MalaCheck(step_size=...) to score an SGLD move "
+                    "of that size)",
                 )
             )
         else:
-            if isinstance(mala_batch, str) and mala_batch == "full":
-                batch = None
-            elif mala_batch is None:
-                batch = posterior.train_batches[0]
-            else:
-                batch = mala_batch
+            batch = None if mala.batch == "full" else posterior.train_batches[0]
             verdicts.append(
                 check_mala_acceptance(
                     posterior,
                     float(step),
                     acceptance_range=(low, high),
                     batch=batch,
-                    num_chains=mala_chains or run.num_chains,
-                    num_moves=mala_moves,
+                    num_chains=mala.chains if mala.chains is not None else run.num_chains,
+                    num_moves=mala.moves,
                     seed=seed,
                 )
             )
@@ -1077,29 +1184,33 @@ def check_run_health(
     runs: Mapping[str, Any],
     *,
     posteriors: Mapping[str, LocalPosterior] | None = None,
-    **thresholds: Any,
+    thresholds: HealthThresholds = HealthThresholds(),
+    mala: MalaCheck = MalaCheck(),
+    seed: int = 0,
 ) -> RunHealth:
-    """:func:`check_health` on every component of a run.
+    """:func:`check_health` on every component of a run, with the same settings for all.
 
     Args:
         runs: component name → its sampling result.
         posteriors: component name → its :class:`LocalPosterior` (optional, enables
             the ``mala_acceptance`` check for those components).
-        **thresholds: keyword arguments of :func:`check_health`, applied to all.
+        thresholds: every check's thresholds.
+        mala: how the ``mala_acceptance`` runs are made.
+        seed: noise seed of the ``mala_acceptance`` runs.
 
     Returns:
         :class:`RunHealth`: ``.reports`` per component, ``.table()``, ``.summary()``.
     """
     if not isinstance(runs, Mapping) or not runs:
         raise ValueError("runs must be a non-empty mapping of component name -> sampling result")
-    if "posterior" in thresholds:
-        raise TypeError("pass posteriors={component: LocalPosterior}, not posterior=")
     posteriors = posteriors or {}
     unknown = sorted(set(posteriors) - set(runs))
     if unknown:
         raise ValueError(f"posteriors names components not in runs: {unknown}")
     reports = {}
     for name, data in runs.items():
-        report = check_health(data, posterior=posteriors.get(name), **thresholds)
+        report = check_health(
+            data, posterior=posteriors.get(name), thresholds=thresholds, mala=mala, seed=seed
+        )
         reports[str(name)] = HealthReport(str(name), report.verdicts, report.info)
     return RunHealth(reports)

@@ -146,7 +146,7 @@ def test_healthy_run_passes_every_check(small, healthy):
     assert report.ok and report.status == "ok", report.summary()
     names = [v.name for v in report.verdicts]
     assert names == [
-        "divergences", "loss_trend", "loss_anchor", "spikes", "rhat",
+        "divergences", "stuck", "loss_trend", "loss_anchor", "spikes", "rhat",
         "autocorrelation", "distance", "mala_acceptance",
     ]  # fmt: skip
     assert all(v.status == "ok" for v in report.verdicts), report.summary()
@@ -284,6 +284,24 @@ def test_loss_below_anchor_warns():
     assert below.status == "warn" and below.value < 0
     assert "w* is not a local minimum" in below.action
     assert report.ok  # a warning, not a failure
+
+
+def test_loss_far_above_anchor_fails_beyond_the_local_posterior_bound():
+    """d/(2nβ) bounds the mean excess loss of a local posterior near a minimum; a rise
+    of more than 3 times that (and 3 SE) fails, a rise within it passes."""
+    config = {"dim": 24, "nbeta": 30.0}  # d/(2nβ) = 0.4 nats
+    x = _stationary(seed=11)  # mean 1.0, SE about 0.001
+    far = check_health(_idata(x, anchor=1.0 - 1.3, config=config))["loss_anchor"]
+    assert far.status == "fail" and far.value == pytest.approx(1.3, abs=0.01)
+    assert far.details["quadratic_bound"] == pytest.approx(0.4)
+    assert "lower step_size" in far.action
+    near = check_health(_idata(x, anchor=1.0 - 1.1, config=config))["loss_anchor"]
+    assert near.status == "ok"  # 1.1 nats < 3 x 0.4
+    loose = HealthThresholds(anchor_rise_factor=4.0)
+    assert (
+        check_health(_idata(x, anchor=-0.3, config=config), thresholds=loose)["loss_anchor"].status
+        == "ok"
+    )  # 1.3 < 4 x 0.4
 
 
 def test_distance_far_beyond_the_localization_scale():

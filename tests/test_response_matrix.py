@@ -70,15 +70,20 @@ def _flag_bias(ds, i, j):
     ds["bias_exceeds_interval"].values[i, j] = True
 
 
-def _flag_unstable(ds, i, j):
-    if "unstable" not in ds:
-        ds["unstable"] = ("component", np.zeros(ds.sizes["component"], dtype=bool))
-    ds["unstable"].values[j] = True
+def _flag_component(name):
+    def flag(ds, i, j):
+        if name not in ds:
+            ds[name] = ("component", np.zeros(ds.sizes["component"], dtype=bool))
+        ds[name].values[j] = True
+
+    return flag
 
 
 TRIGGERS = {
     "diverged": lambda ds, i, j: ds["num_diverged_chains"].values.__setitem__(j, 1),
-    "unstable": _flag_unstable,
+    "unstable": _flag_component("unstable"),
+    "stuck": _flag_component("stuck"),
+    "loss_anchor": _flag_component("loss_anchor"),
     "nonfinite": lambda ds, i, j: ds["chi"].values.__setitem__((i, j), np.nan),
     "rhat": lambda ds, i, j: ds["rhat"].values.__setitem__((i, j), 1.2),
     "ess": lambda ds, i, j: ds["ess_tail"].values.__setitem__((i, j), 20.0),
@@ -99,7 +104,7 @@ def test_first_reason_wins(k):
     out = rm.assign_status(ds)
     assert out["status"].values[i, j] == STATUS_REASONS[k]
     others = np.ones((5, 4), dtype=bool)
-    if STATUS_REASONS[k] in ("diverged", "unstable"):
+    if STATUS_REASONS[k] in ("diverged", "unstable", "stuck", "loss_anchor"):
         others[:, j] = False  # the whole component is flagged
         assert (out["status"].values[:, j] == STATUS_REASONS[k]).all()
     else:

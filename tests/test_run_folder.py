@@ -266,3 +266,37 @@ def test_ctrl_c_names_the_kept_components_and_the_resume_command(tmp_path, monke
     assert result.exit_code == 130
     assert f"Kept 1 finished component in {tmp_path / 'components'}: L0H0" in result.output
     assert f"bayes-susc demo --quick --out {tmp_path}" in result.output
+
+
+# ------------------------------------------- issue 18: a stuck chain is named as such
+def test_stuck_mala_chain_is_named_in_health_and_status(tmp_path):
+    """MALA with a step far too large rejects every proposal: φ never moves. The status
+    says ``stuck`` (before R-hat, which would otherwise take the blame)."""
+    spec = _spec((A0, A1))
+    stuck = RunSpec(
+        **{
+            **{f: getattr(spec, f) for f in spec.__dataclass_fields__},
+            "sampling": SamplingSettings(
+                kernel="mala", hyperparameters={"step_size": 50.0}, num_chains=2, num_draws=30
+            ),
+        }
+    )
+    run(stuck, tmp_path, report=False)
+    health = json.loads((tmp_path / "analyses" / "health.json").read_text())
+    assert health["a0"]["stuck"] == "fail"
+    import xarray as xr
+
+    with xr.open_dataset(tmp_path / "response_matrix.nc", engine="netcdf4") as m:
+        assert set(m["status"].values.ravel()) == {"stuck"}
+        assert m["stuck"].values.tolist() == [True, True]
+
+
+def test_stuck_chains_exactly():
+    from bayes_susc.checks.health import stuck_chains
+
+    phi = np.array([[0.1, 0.1, 0.1], [0.1, 0.2, 0.1], [np.nan] * 3, [0.3, 0.3, 0.3 + 1e-17]])
+    assert stuck_chains(phi).tolist() == [True, False, False, True]  # 0.3 + 1e-17 == 0.3
+    phi[3, 2] = 0.3000001
+    assert stuck_chains(phi).tolist() == [True, False, False, False]
+    acceptance = np.array([[0.5] * 3, [0.001, 0.0, 0.02], [0.5] * 3, [0.2] * 3])
+    assert stuck_chains(phi, acceptance).tolist() == [True, True, False, False]

@@ -12,6 +12,10 @@ The checks (names as in :attr:`Verdict.name`):
 ``divergences``
     Fraction of chains that went non-finite (``sample_stats.diverged``). Any → fail,
     "lower step_size (or raise γ)". The other checks use the surviving chains only.
+``stuck``
+    Chains that never move: φ identical at every kept draw, or a MALA run's recorded
+    acceptance below 1 % (:func:`stuck_chains`). Any → fail, "lower step_size". The
+    pipeline folds it into the entries' status (``stuck``).
 ``loss_trend``
     Does the evaluation loss level off? The mean of the last quarter of the kept
     ``eval_loss`` draws is compared with the mean of the third quarter, pooled over
@@ -24,7 +28,11 @@ The checks (names as in :attr:`Verdict.name`):
     batch-to-batch noise is common to the chains and a pooled SE would be too small.)
 ``loss_anchor``
     Does the loss settle *above* L(w*)? Near a local minimum the stationary mean of
-    L_E − L_E(w*) is ≈ ½ tr(H_E Σ) > 0. A last-half mean more than ``anchor_z`` SEs
+    L_E − L_E(w*) is ≈ ½ tr(H_E Σ) > 0, at most d/(2nβ) nats (Σ = (nβH + γI)⁻¹, H ⪰ 0).
+    A last-half mean more than ``anchor_z`` SEs *and* ``anchor_rise_factor`` (3) times
+    d/(2nβ) above it fails: the chains left w*'s basin (or the step is too large); the
+    pipeline folds that into the entries' status (``loss_anchor``).
+    A last-half mean more than ``anchor_z`` SEs
     below ``eval_loss_anchor`` warns: w* is not a local minimum of the loss (the chains
     found lower loss nearby), so the local posterior is not centred where it should be.
 ``spikes``
@@ -103,6 +111,7 @@ __all__ = [
     "check_mala_acceptance",
     "check_run_health",
     "mala_acceptance",
+    "stuck_chains",
 ]
 
 Status = Literal["ok", "warn", "fail"]
@@ -115,6 +124,7 @@ _MAD_TO_SD = 1.4826  # MAD of a normal sample × this = its standard deviation
 TREND_Z = 3.0
 TREND_Z_FAIL = 5.0
 ANCHOR_Z = 3.0
+ANCHOR_RISE_FACTOR = 3.0
 SPIKE_Z = 20.0
 SPIKE_VARS = ("eval_loss", "loss")
 RHAT_WARN = 1.01
@@ -125,6 +135,8 @@ DISTANCE_FACTOR = 3.0
 DISTANCE_FACTOR_FAIL = 10.0
 ACCEPTANCE_RANGE = (0.5, 0.99)
 MALA_MOVES = 100
+#: Below this mean recorded acceptance a MALA chain counts as stuck (see :func:`stuck_chains`).
+STUCK_ACCEPTANCE = 0.01
 
 
 # ---------------------------------------------------------------------------- settings
@@ -142,7 +154,11 @@ class HealthThresholds:
             ``loss_trend`` and the ``distance`` trend warn (default 3: a stationary chain
             exceeds it in 0.3–2 % of runs).
         trend_z_fail: |z| above which they fail (default 5).
-        anchor_z: standard errors below L(w*) at which ``loss_anchor`` warns (default 3).
+        anchor_z: standard errors below L(w*) at which ``loss_anchor`` warns (default 3);
+            also the significance a rise above L(w*) needs before it can fail.
+        anchor_rise_factor: ``loss_anchor`` fails when the eval loss settles more than this
+            many times d/(2nβ) nats above L(w*) (default 3): d/(2nβ) bounds the excess
+            ½ tr(H Σ) of a local posterior near a minimum, Σ = (nβH + γI)⁻¹, H ⪰ 0.
         spike_z: robust z (robust SDs, median/MAD, of the draw-to-draw increments) of an
             increment counted as a spike (default 20).
         spike_vars: traces (posterior or sample_stats variables) whose increments are
@@ -163,6 +179,7 @@ class HealthThresholds:
     trend_z: float = TREND_Z
     trend_z_fail: float = TREND_Z_FAIL
     anchor_z: float = ANCHOR_Z
+    anchor_rise_factor: float = ANCHOR_RISE_FACTOR
     spike_z: float = SPIKE_Z
     spike_vars: tuple[str, ...] = SPIKE_VARS
     rhat_warn: float = RHAT_WARN
@@ -178,6 +195,7 @@ class HealthThresholds:
             "trend_z",
             "trend_z_fail",
             "anchor_z",
+            "anchor_rise_factor",
             "spike_z",
             "rhat_warn",
             "rhat_fail",
@@ -586,6 +604,47 @@ def _check_divergences(run: _Run) -> Verdict:
     )
 
 
+def stuck_chains(phi: np.ndarray, acceptance: np.ndarray | None = None) -> np.ndarray:
+    """(chain,) bool: chains that never move: φ the same at every kept draw (to the last
+    bit), or a recorded Metropolis acceptance rate below 1 % (a MALA chain rejecting
+    nearly every proposal). A stuck chain has no variance, so the χ it contributes is 0
+    and its R-hat is meaningless; the status names it ``stuck``.
+
+    Args:
+        phi: (chain, draw) φ draws (nats); NaN draws (a diverged chain) count as moving.
+        acceptance: (chain, draw) recorded acceptance probabilities, or None.
+    """
+    phi = np.asarray(phi, dtype=float)
+    with np.errstate(invalid="ignore"):
+        frozen = np.all(phi == phi[:, :1], axis=1) & np.isfinite(phi).all(axis=1)
+    if phi.shape[1] < 2:
+        frozen[:] = False
+    if acceptance is not None:
+        with np.errstate(invalid="ignore"):
+            frozen |= np.nanmean(np.asarray(acceptance, dtype=float), axis=1) < STUCK_ACCEPTANCE
+    return frozen
+
+
+def _check_stuck(run: _Run, alive: np.ndarray) -> Verdict:
+    phi = run.trace("phi")
+    if phi is None:
+        return Verdict("stuck", "ok", None, "no φ recorded: not judged", _NONE)
+    acceptance = run.trace("acceptance_rate") if run.kernel == "mala" else None
+    stuck = stuck_chains(phi, acceptance) & alive
+    details = {"stuck_chains": np.flatnonzero(stuck).tolist()}
+    if not stuck.any():
+        return Verdict("stuck", "ok", 0.0, f"every chain moves (of {run.num_chains})", _NONE)
+    return Verdict(
+        "stuck",
+        "fail",
+        float(stuck.mean()),
+        f"chain(s) {details['stuck_chains']} never move (φ constant, or acceptance < "
+        f"{STUCK_ACCEPTANCE:.0%})",
+        "lower step_size",
+        details,
+    )
+
+
 def _no_chains(name: str, what: str) -> Verdict:
     return Verdict(
         name,
@@ -606,9 +665,7 @@ def _too_short(name: str, what: str, num_draws: int) -> Verdict:
     )
 
 
-def _check_loss(
-    run: _Run, alive: np.ndarray, trend_z: float, trend_z_fail: float, anchor_z: float
-) -> list[Verdict]:
+def _check_loss(run: _Run, alive: np.ndarray, t: HealthThresholds) -> list[Verdict]:
     x = run.trace("eval_loss")
     if x is None:
         return []
@@ -623,7 +680,9 @@ def _check_loss(
     else:
         z = tr["z"]
         msg = f"eval loss, last vs third quarter: {tr['change']:+.3g} ({z:+.1f} SE)"
-        status: Status = "fail" if abs(z) > trend_z_fail else "warn" if abs(z) > trend_z else "ok"
+        status: Status = (
+            "fail" if abs(z) > t.trend_z_fail else "warn" if abs(z) > t.trend_z else "ok"
+        )
         if status == "ok":
             action = _NONE
             msg = "loss has levelled off: " + msg
@@ -648,7 +707,23 @@ def _check_loss(
         z = rise / se if se > 0 else (0.0 if rise == 0 else math.copysign(math.inf, rise))
         details = {"anchor": anchor, "last_half_mean": mean, "rise": rise, "se": se, "z": z}
         msg = f"eval loss over the last half is L(w*) {rise:+.3g} ({z:+.1f} SE)"
-        if z < -anchor_z:
+        dim, nbeta = run.config.get("dim"), run.config.get("nbeta")
+        bound = dim / (2.0 * nbeta) if dim and nbeta else None
+        details["quadratic_bound"] = bound
+        if bound is not None and z > t.anchor_z and rise > t.anchor_rise_factor * bound:
+            out.append(
+                Verdict(
+                    "loss_anchor",
+                    "fail",
+                    rise,
+                    f"loss settles far above L(w*): {msg}, more than {t.anchor_rise_factor:g} "
+                    f"x d/(2 nbeta) = {bound:.3g} nats, the most a local posterior near a "
+                    "minimum allows: the chains left w*'s basin",
+                    "lower step_size (or raise γ)",
+                    details,
+                )
+            )
+        elif z < -t.anchor_z:
             out.append(
                 Verdict(
                     "loss_anchor",
@@ -1097,8 +1172,8 @@ def check_health(
     gamma = run.config.get("gamma", posterior.gamma if posterior is not None else None)
     hyper = run.config.get("kernel_hyperparameters", {})
 
-    verdicts: list[Verdict] = [_check_divergences(run)]
-    verdicts += _check_loss(run, alive, t.trend_z, t.trend_z_fail, t.anchor_z)
+    verdicts: list[Verdict] = [_check_divergences(run), _check_stuck(run, alive)]
+    verdicts += _check_loss(run, alive, t)
     verdicts.append(_check_spikes(run, alive, t.spike_z, t.spike_vars))
     for v in (
         _check_rhat(run, alive, t.rhat_warn, t.rhat_fail),

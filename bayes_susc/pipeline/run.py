@@ -406,6 +406,7 @@ def _finish(
     report: bool,
     stability: Mapping[str, Mapping[str, Any]],
 ) -> dict:
+    from bayes_susc.checks.health import check_run_health
     from bayes_susc.estimation.response_matrix import (
         assign_status,
         build_response_matrix,
@@ -414,19 +415,38 @@ def _finish(
 
     kw = spec.estimation.matrix_kwargs()
     matrix = build_response_matrix(runs, **kw)
-    unstable = [name for name in runs if not stability[name]["stable"]]
-    if unstable:
-        # The sampler's own verdict folds into the status: an unstable step gives no "ok".
-        flags = np.array([name in unstable for name in matrix["component"].values])
-        matrix["unstable"] = ("component", flags)
-        matrix["unstable"].attrs["description"] = (
-            "the kernel's step is beyond its stability limit (bayes_susc.checks.stability)"
-        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        health = check_run_health(runs)
+    # The sampler's own verdicts fold into the status: one implementation (the checks),
+    # read by assign_status through per-component flags.
+    flags = {
+        "unstable": (
+            [not stability[name]["stable"] for name in runs],
+            "the kernel's step is beyond its stability limit (bayes_susc.checks.stability)",
+        ),
+        "stuck": (
+            [_failed(health[name], "stuck") for name in runs],
+            "a chain never moves (bayes_susc.checks.health.stuck_chains)",
+        ),
+        "loss_anchor": (
+            [_failed(health[name], "loss_anchor") for name in runs],
+            "the eval loss settled far above L(w*) (bayes_susc.checks.health)",
+        ),
+    }
+    if any(any(values) for values, _ in flags.values()):
+        order = {name: i for i, name in enumerate(runs)}
+        for key, (values, description) in flags.items():
+            matrix[key] = (
+                "component",
+                np.array([values[order[str(c)]] for c in matrix["component"].values]),
+            )
+            matrix[key].attrs["description"] = description
         matrix = assign_status(
             matrix, min_ess=kw["min_ess"], max_rhat=kw["max_rhat"], fdr=kw["fdr"]
         )
     save_response_matrix(matrix, out / "response_matrix.nc")
-    analyses = _save_analyses(spec, out, matrix, runs)
+    analyses = _save_analyses(spec, out, matrix, health)
     roles = _head_roles(spec, out)
     status = matrix["status"].values.ravel()
     names, counts = np.unique(status, return_counts=True)
@@ -475,17 +495,30 @@ def write_run_report(out: Path, summary: Mapping[str, Any]) -> Path:
     return write_table_report(out, summary)
 
 
-def _save_analyses(spec: RunSpec, out: Path, matrix: Any, runs: Mapping[str, Any]) -> dict:
+def _failed(report: Any, check: str) -> bool:
+    return check in report and report[check].status == "fail"
+
+
+def _save_analyses(spec: RunSpec, out: Path, matrix: Any, health: Any) -> dict:
     """PCA, k-means clusters and health verdicts, saved under ``out/analyses``."""
-    from bayes_susc.checks.health import check_run_health
     from bayes_susc.estimation.response_matrix import cluster, cluster_examples, pca
 
     folder = out / "analyses"
     shutil.rmtree(folder, ignore_errors=True)  # never lay out the analyses of another matrix
     folder.mkdir()
+    table = health.table()
+    health_rows = to_jsonable(
+        {str(name): {str(k): v for k, v in row.items()} for name, row in table.iterrows()}
+    )
+    atomic_write(
+        folder / "health.json", lambda tmp: Path(tmp).write_text(json.dumps(health_rows, indent=2))
+    )
     a = spec.analyses
-    estimable = int(np.isfinite(matrix["chi"]).any("probe").sum())
-    if estimable < 2:  # a PCA across components needs two
+    chi = matrix["chi"].where(np.isfinite(matrix["chi"]))
+    # A column of NaN (diverged) or of one value (stuck chains: χ = 0) has no variance to
+    # standardize; a PCA across components needs two that vary.
+    estimable = int((chi.max("probe") > chi.min("probe")).sum())
+    if estimable < 2:
         return {"pca_weights": None, "explained_variance_ratio": []}
     n_pc = min(a.n_pca_components, estimable)
     # PCA on every finite entry: in a short run most entries miss R-hat <= 1.01, and a
@@ -504,15 +537,6 @@ def _save_analyses(spec: RunSpec, out: Path, matrix: Any, runs: Mapping[str, Any
     atomic_write(
         folder / "cluster_examples.json",
         lambda tmp: Path(tmp).write_text(json.dumps(example_rows, indent=2)),
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        health = check_run_health(runs).table()
-    health_rows = to_jsonable(
-        {str(name): {str(k): v for k, v in row.items()} for name, row in health.iterrows()}
-    )
-    atomic_write(
-        folder / "health.json", lambda tmp: Path(tmp).write_text(json.dumps(health_rows, indent=2))
     )
     return {
         "pca_weights": "all finite entries",

@@ -7,6 +7,7 @@ __all__ = [
     "ConfigError",
     "DivergenceWarning",
     "MissingDependencyError",
+    "PriorDominanceWarning",
     "RunFolderBusy",
     "RunFolderError",
     "StabilityWarning",
@@ -21,6 +22,11 @@ class DivergenceWarning(UserWarning):
 class StabilityWarning(UserWarning):
     """A kernel's step is beyond its stability limit on a component's stiffest curvature:
     the chains do not sample the posterior, diverging or not."""
+
+
+class PriorDominanceWarning(UserWarning):
+    """The prior, not the data, sets a component's posterior in nearly every direction:
+    its χ are small and scale like 1/γ (raise nβ or lower γ to let the data speak)."""
 
 
 class UserError(Exception):

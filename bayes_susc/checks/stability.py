@@ -25,6 +25,17 @@ The SGHMC/SGNHT limits follow from the update v' = v + εp, p' = (1 − εα)p �
 quadratic: the transition matrix has determinant 1 − εα and trace 2 − εα − ε²λ, and Jury's
 criterion gives ε²λ < 2(2 − εα). An unstable component's entries get the status
 ``unstable`` (:func:`bayes_susc.estimation.response_matrix.assign_status`).
+
+:func:`check_prior_dominance` asks a second question of the same curvature: how many
+directions does the data constrain at all? Along an eigendirection k of the loss Hessian
+H_L the posterior precision is nβλ_k + γ; where nβλ_k ≪ γ the prior alone sets the
+fluctuation (variance ≈ 1/γ), and the draws there say nothing about the data. Since
+H_L ⪰ 0 near a minimum, at most tr(nβH_L)/γ eigenvalues can reach γ, and the trace is
+cheap (Hutchinson's estimator, a few Hessian–vector products). A component where that
+bound is a small fraction of its dimension is *prior-dominated*: its χ are small and scale
+like 1/γ, and a response matrix of such components shows little structure (one cloud in
+the PCA). That is a warning, not a failure: the estimates are right for the posterior
+asked for; raise nβ or lower γ to let the data speak.
 """
 
 from __future__ import annotations
@@ -34,7 +45,15 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["StabilityCheck", "check_stability", "stability_limit"]
+import numpy as np
+
+__all__ = [
+    "PriorDominance",
+    "StabilityCheck",
+    "check_prior_dominance",
+    "check_stability",
+    "stability_limit",
+]
 
 
 @dataclass(frozen=True)
@@ -126,3 +145,80 @@ def check_stability(
     # on the step: the sampler's divergence flag judges such a component.
     stable = not (math.isfinite(value) and value >= limit)
     return StabilityCheck(name, eps, lam, measure, value, limit, stable, suggested, seconds)
+
+
+@dataclass(frozen=True)
+class PriorDominance:
+    """How many directions of a component the data constrains, against the prior.
+
+    Attributes:
+        dim: the component's number of weights d.
+        data_trace: tr(nβ H_L) at w* (1 / weight²; exact for d ≤ ``probes``, else a
+            Hutchinson estimate).
+        gamma: the prior's precision γ.
+        data_directions_bound: tr(nβH_L)/γ, an upper bound on the number of directions
+            with nβλ_k ≥ γ (H_L ⪰ 0).
+        prior_dominated: the bound is at most ``fraction`` of d.
+        fraction: the threshold used.
+        seconds: wall time.
+    """
+
+    dim: int
+    data_trace: float
+    gamma: float
+    data_directions_bound: float
+    prior_dominated: bool
+    fraction: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able record."""
+        return asdict(self)
+
+
+def check_prior_dominance(
+    posterior: Any, batch: Any = None, *, probes: int = 16, fraction: float = 0.1, seed: int = 0
+) -> PriorDominance:
+    """Bound the number of data-dominated directions of ``posterior`` at w*.
+
+    Args:
+        posterior: a :class:`~bayes_susc.target.posterior.LocalPosterior`.
+        batch: the batch of the loss Hessian (default: the first training batch).
+        probes: Rademacher vectors of the Hutchinson estimate; when d ≤ probes the trace
+            is exact (the d unit vectors).
+        fraction: prior-dominated when tr(nβH_L)/γ ≤ fraction · d.
+        seed: seed of the probe vectors.
+    """
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    start = time.perf_counter()
+    batch = posterior.train_batches[0] if batch is None else batch
+    v = posterior.anchor_vector.detach().clone().requires_grad_(True)
+    dim = int(v.numel())
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+        loss = posterior.nbeta * posterior.item_losses(v, batch).mean()
+        (grad,) = torch.autograd.grad(loss, v, create_graph=True)
+        if dim <= probes:
+            vectors = torch.eye(dim, dtype=v.dtype, device=v.device)
+        else:
+            gen = torch.Generator(device=v.device).manual_seed(seed)
+            signs = torch.randint(0, 2, (probes, dim), generator=gen, device=v.device)
+            vectors = signs.to(v.dtype) * 2 - 1
+        quad = []
+        for u in vectors:
+            (hu,) = torch.autograd.grad(grad, v, grad_outputs=u, retain_graph=True)
+            quad.append(float(u @ hu))
+    # Rademacher probes: E[uᵀHu] = tr(H); unit vectors: the sum is the trace exactly.
+    trace = float(sum(quad)) if dim <= probes else float(np.mean(quad))
+    gamma = float(posterior.gamma)
+    bound = trace / gamma if gamma > 0 else math.inf
+    return PriorDominance(
+        dim,
+        trace,
+        gamma,
+        bound,
+        bool(bound <= fraction * dim),
+        float(fraction),
+        time.perf_counter() - start,
+    )

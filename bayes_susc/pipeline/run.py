@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bayes_susc.errors import RunFolderError, StabilityWarning
+from bayes_susc.errors import PriorDominanceWarning, RunFolderError, StabilityWarning
 from bayes_susc.pipeline.lock import run_folder_lock
 from bayes_susc.pipeline.run_folder import component_summary, remove_stale_temporaries
 from bayes_susc.pipeline.spec import RunSpec
@@ -316,7 +316,7 @@ def _check_resume(
 def _check_stability(spec: RunSpec, out: Path, say: Log) -> dict[str, dict[str, Any]]:
     """ε against each component's stiffest curvature, measured once per component and
     kept in ``stability.json`` (a resumed run reads it back); unstable ones are told."""
-    from bayes_susc.checks.stability import check_stability
+    from bayes_susc.checks.stability import check_prior_dominance, check_stability
     from bayes_susc.target.posterior import LocalPosterior
 
     path = out / "stability.json"
@@ -332,15 +332,37 @@ def _check_stability(spec: RunSpec, out: Path, say: Log) -> dict[str, dict[str, 
                 nbeta=spec.sampling.nbeta,
                 gamma=spec.sampling.gamma,
             )
-            known[comp.name] = check_stability(posterior, kernel, seed=spec.sampling.seed)
-            known[comp.name] = to_jsonable(known[comp.name].to_dict())
+            record = check_stability(posterior, kernel, seed=spec.sampling.seed).to_dict()
+            prior = check_prior_dominance(posterior, seed=spec.sampling.seed).to_dict()
+            record["prior"] = prior
+            known[comp.name] = to_jsonable(record)
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(known, indent=2)))
         if not known[comp.name]["stable"]:
             from bayes_susc.checks.stability import StabilityCheck
 
-            message = StabilityCheck(**known[comp.name]).message(comp.name)
+            fields = {k: v for k, v in known[comp.name].items() if k != "prior"}
+            message = StabilityCheck(**fields).message(comp.name)
             say(message)
             warnings.warn(message, StabilityWarning, stacklevel=3)
+    prior = {
+        c.name: known[c.name]["prior"]
+        for c in spec.components
+        if known[c.name].get("prior", {}).get("prior_dominated")
+    }
+    if prior:
+        message = (
+            f"{len(prior)} of {len(spec.components)} components are prior-dominated: the data "
+            "constrains at most "
+            + ", ".join(
+                f"{p['data_directions_bound']:.0f} of {p['dim']} directions ({name})"
+                for name, p in list(prior.items())[:4]
+            )
+            + (", ..." if len(prior) > 4 else "")
+            + "; their chi are small and scale like 1/gamma (raise nbeta or lower gamma to "
+            "let the data speak; bayes_susc.checks.stability)"
+        )
+        say(message)
+        warnings.warn(message, PriorDominanceWarning, stacklevel=3)
     return {c.name: known[c.name] for c in spec.components}
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import xarray as xr
 from typer.testing import CliRunner
@@ -151,9 +152,16 @@ def test_killed_demo_resumes_to_the_uninterrupted_result(tmp_path):
     assert names(killed) == names(reference)
 
 
+@pytest.mark.slow
 def test_demo_on_two_worker_processes_equals_the_in_process_run(tmp_path):
     """`--workers 2`: the heads run side by side on worker processes (one thread each)
-    and give the in-process single-threaded run's results, bit for bit."""
+    and give the in-process single-threaded run's results, bit for bit.
+
+    Slow (21 s), and the same pipeline path (ProcessExecutor through pipeline.run) is
+    checked bit for bit in the default suite by
+    tests/test_executor.py::test_run_config_process_executor_matches_local and
+    tests/test_bench_vs_devinterp.py::test_our_side_on_two_workers_gives_the_in_process_matrix.
+    """
     from bayes_susc.demo.preset import DemoSettings, run_demo
 
     workers_dir, local_dir = tmp_path / "workers", tmp_path / "local"

@@ -69,8 +69,11 @@ def _spec(step_size: float) -> RunSpec:
 
 
 def test_unstable_step_gets_no_ok_entry_and_is_named(tmp_path):
-    said = []
     with pytest.warns(StabilityWarning, match="layer0: eps\\*lambda_max = 8.1"):
+        summary = run(_spec(1e-3), tmp_path / "warned", report=False)
+    said = []  # with a log, the same message goes there instead (the command line's way)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StabilityWarning)
         summary = run(_spec(1e-3), tmp_path, report=False, log=said.append)
     check = json.loads((tmp_path / "stability.json").read_text())["layer0"]
     assert check["measure"] == "eps*lambda_max" and check["limit"] == 4.0

@@ -212,6 +212,9 @@ def run(
             ``restart`` is False.
     """
     say = log or (lambda _msg: None)
+    # Warnings the caller will see one way: through its log when it gave one, else as
+    # Python warnings (a library caller without a log).
+    tell = (lambda msg, _category: log(msg)) if log else _warn
     out = check_output_folder(Path(out))
     with run_folder_lock(out):
         remove_stale_temporaries(out)
@@ -221,7 +224,7 @@ def run(
         atomic_write(
             out / "run_info.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2))
         )
-        stability = _check_stability(spec, out, say)
+        stability = _check_stability(spec, out, tell)
         runs, computed = _sample(spec, out, finished, progress, say)
         return _finish(spec, out, runs, computed, report, stability)
 
@@ -313,7 +316,13 @@ def _check_resume(
     return runs
 
 
-def _check_stability(spec: RunSpec, out: Path, say: Log) -> dict[str, dict[str, Any]]:
+def _warn(message: str, category: type[Warning]) -> None:
+    warnings.warn(message, category, stacklevel=4)
+
+
+def _check_stability(
+    spec: RunSpec, out: Path, tell: Callable[[str, type[Warning]], None]
+) -> dict[str, dict[str, Any]]:
     """ε against each component's stiffest curvature, measured once per component and
     kept in ``stability.json`` (a resumed run reads it back); unstable ones are told."""
     from bayes_susc.checks.stability import check_prior_dominance, check_stability
@@ -342,8 +351,7 @@ def _check_stability(spec: RunSpec, out: Path, say: Log) -> dict[str, dict[str, 
 
             fields = {k: v for k, v in known[comp.name].items() if k != "prior"}
             message = StabilityCheck(**fields).message(comp.name)
-            say(message)
-            warnings.warn(message, StabilityWarning, stacklevel=3)
+            tell(message, StabilityWarning)
     prior = {
         c.name: known[c.name]["prior"]
         for c in spec.components
@@ -361,8 +369,7 @@ def _check_stability(spec: RunSpec, out: Path, say: Log) -> dict[str, dict[str, 
             + "; their chi are small and scale like 1/gamma (raise nbeta or lower gamma to "
             "let the data speak; bayes_susc.checks.stability)"
         )
-        say(message)
-        warnings.warn(message, PriorDominanceWarning, stacklevel=3)
+        tell(message, PriorDominanceWarning)
     return {c.name: known[c.name] for c in spec.components}
 
 

@@ -13,6 +13,7 @@ from bayes_susc.checks.ground_truth import (
     quad_mean,
     sghmc_stationary_cov,
     sgld_stationary_cov,
+    simulate_sgld,
 )
 
 
@@ -116,6 +117,28 @@ def test_sgld_simulation_matches_stationary_not_posterior(problem):
     se = _assert_second_moments(d, S)
     # At this step size the chain's law is far from the posterior.
     assert np.all(np.abs(np.diag(S - problem.posterior_cov)) > 20 * np.diag(se))
+
+
+def test_simulation_from_w_star_has_the_transient_law(problem):
+    """Started at w* with 2 burn-in steps, the first kept draw (after 3 steps) has
+    covariance Σ_{j<3} Aʲ(εI)Aʲᵀ, A = I − εK/2 (the recursion written out), so
+    E[φ] = ½tr(H·that): checked within 4 SE over 40,000 chains, and far from the
+    stationary ½tr(H S), which a stationary start gives."""
+    eps = 1e-3
+    K, H = problem.K, problem.phi_terms()[0]
+    A = np.eye(problem.dim) - 0.5 * eps * K
+    transient = sum(
+        eps * np.linalg.matrix_power(A, j) @ np.linalg.matrix_power(A, j).T for j in range(3)
+    )
+    rng = np.random.default_rng(8)
+    phi, _ = simulate_sgld(problem, eps, (40_000,), 2, 1, rng, num_burnin=2)
+    first = phi[:, 0]
+    se = first.std(ddof=1) / np.sqrt(first.size)
+    assert abs(first.mean() - 0.5 * np.trace(H @ transient)) < 4 * se
+    stationary = 0.5 * np.trace(H @ sgld_stationary_cov(K, eps))
+    assert stationary - first.mean() > 20 * se
+    phi_s, _ = simulate_sgld(problem, eps, (40_000,), 2, 1, rng)
+    assert abs(phi_s[:, 0].mean() - stationary) < 4 * phi_s[:, 0].std() / np.sqrt(40_000)
 
 
 def test_sghmc_simulation_matches_stationary(problem):

@@ -82,6 +82,7 @@ def _flag_component(name):
 TRIGGERS = {
     "diverged": lambda ds, i, j: ds["num_diverged_chains"].values.__setitem__(j, 1),
     "unstable": _flag_component("unstable"),
+    "low_acceptance": _flag_component("low_acceptance"),
     "stuck": _flag_component("stuck"),
     "loss_anchor": _flag_component("loss_anchor"),
     "nonfinite": lambda ds, i, j: ds["chi"].values.__setitem__((i, j), np.nan),
@@ -104,7 +105,7 @@ def test_first_reason_wins(k):
     out = rm.assign_status(ds)
     assert out["status"].values[i, j] == STATUS_REASONS[k]
     others = np.ones((5, 4), dtype=bool)
-    if STATUS_REASONS[k] in ("diverged", "unstable", "stuck", "loss_anchor"):
+    if STATUS_REASONS[k] in ("diverged", "unstable", "low_acceptance", "stuck", "loss_anchor"):
         others[:, j] = False  # the whole component is flagged
         assert (out["status"].values[:, j] == STATUS_REASONS[k]).all()
     else:

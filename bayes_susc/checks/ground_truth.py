@@ -283,8 +283,9 @@ def simulate_sgld(
     num_draws: int,
     steps_per_draw: int,
     rng: np.random.Generator,
+    num_burnin: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact draws of thinned full-batch SGLD, started from its stationary law.
+    """Exact draws of thinned full-batch SGLD, from its stationary law or from w*.
 
     δ' = Aᵏδ + innovation, A = I − εK/2, with the exact innovation covariance
     S − AᵏSAᵏᵀ (S the stationary covariance), so every draw has law N(0, S).
@@ -292,6 +293,11 @@ def simulate_sgld(
     Args:
         chain_shape: leading shape of independent chains, e.g. ``(4,)`` or
             ``(replications, 4)``.
+        num_burnin: ``None`` starts every chain from the stationary law. An integer
+            starts it at δ = 0 (the trained weights, as :func:`bayes_susc.sample` does)
+            and discards that many steps first; the first kept draw follows
+            ``num_burnin + steps_per_draw`` steps, as in the sampler, and has law
+            N(0, S − AᵐSAᵐᵀ) with m that number of single steps.
 
     Returns:
         φ, shape ``(*chain_shape, num_draws)``, and ΔL = ℓ_i − L_E, shape
@@ -304,7 +310,14 @@ def simulate_sgld(
     Q = S - A @ S @ A.T
     chol_s, chol_q = np.linalg.cholesky(S), np.linalg.cholesky(0.5 * (Q + Q.T))
     delta = np.empty((*chain_shape, num_draws, s))
-    x = rng.standard_normal((*chain_shape, s)) @ chol_s.T
+    if num_burnin is None:
+        x = rng.standard_normal((*chain_shape, s)) @ chol_s.T
+    else:
+        m = num_burnin + steps_per_draw
+        A_m = np.linalg.matrix_power(np.eye(s) - 0.5 * step_size * K, m)
+        Q_m = S - A_m @ S @ A_m.T
+        # Q_m is positive definite for m ≥ 1 (every mode has been driven by noise).
+        x = rng.standard_normal((*chain_shape, s)) @ np.linalg.cholesky(0.5 * (Q_m + Q_m.T)).T
     for t in range(num_draws):
         delta[..., t, :] = x
         x = x @ A.T + rng.standard_normal((*chain_shape, s)) @ chol_q.T

@@ -66,6 +66,7 @@ from bayes_susc.validation import check_finite, check_fraction, check_int, check
 STATUS_REASONS = (
     "diverged",
     "unstable",
+    "low_acceptance",
     "stuck",
     "loss_anchor",
     "nonfinite",
@@ -76,7 +77,16 @@ STATUS_REASONS = (
     "not_significant_bh",
 )
 #: Reasons that say the estimate itself cannot be trusted (not merely "not different from 0").
-CONVERGENCE_REASONS = ("diverged", "unstable", "stuck", "loss_anchor", "nonfinite", "rhat", "ess")
+CONVERGENCE_REASONS = (
+    "diverged",
+    "unstable",
+    "low_acceptance",
+    "stuck",
+    "loss_anchor",
+    "nonfinite",
+    "rhat",
+    "ess",
+)
 
 #: Default R-hat threshold: Vehtari, Gelman, Simpson, Carpenter & Bürkner (2021),
 #: "Rank-normalization, folding, and localization: an improved R-hat", recommend
@@ -150,21 +160,26 @@ def assign_status(
        :mod:`bayes_susc.checks.stability`) and it is True: the kernel's step is beyond
        its stability limit on the component's stiffest curvature, so the chains sample
        another distribution even when nothing diverges.
-    3. ``"stuck"``: the matrix holds ``stuck`` (over ``component``: a chain that never
+    3. ``"low_acceptance"``: the matrix holds ``low_acceptance`` (over ``component``,
+       from :func:`bayes_susc.checks.stability.check_langevin_acceptance`) and it is
+       True: MALA would accept the kernel's Langevin move less often than the healthy
+       range allows, so the discretization distorts the target even below the stability
+       limit.
+    4. ``"stuck"``: the matrix holds ``stuck`` (over ``component``: a chain that never
        moves, :func:`bayes_susc.checks.health.stuck_chains`) and it is True.
-    4. ``"loss_anchor"``: the matrix holds ``loss_anchor`` (over ``component``) and it
+    5. ``"loss_anchor"``: the matrix holds ``loss_anchor`` (over ``component``) and it
        is True: the eval loss settled far above L(w*), beyond what a local posterior
        allows (the ``loss_anchor`` check of :mod:`bayes_susc.checks.health`).
-    5. ``"nonfinite"``: ``chi``, ``se``, ``ci_low``, ``ci_high`` or ``p_value`` is NaN/inf.
-    6. ``"rhat"``: ``rhat > max_rhat`` or R-hat is NaN. Default 1.01 (Vehtari et al. 2021).
-    7. ``"ess"``: ``min(ess_bulk, ess_tail) < min_ess`` or NaN (a lone ``ess`` variable is
+    6. ``"nonfinite"``: ``chi``, ``se``, ``ci_low``, ``ci_high`` or ``p_value`` is NaN/inf.
+    7. ``"rhat"``: ``rhat > max_rhat`` or R-hat is NaN. Default 1.01 (Vehtari et al. 2021).
+    8. ``"ess"``: ``min(ess_bulk, ess_tail) < min_ess`` or NaN (a lone ``ess`` variable is
        used when the two are absent). Default 100: the package's coverage study finds
        nominal interval coverage from ESS ≈ 100.
-    8. ``"step_size_bias"``: the matrix holds ``bias_exceeds_interval`` (from
+    9. ``"step_size_bias"``: the matrix holds ``bias_exceeds_interval`` (from
        :func:`bayes_susc.checks.step_size_bias.attach_bias`) and it is True: the estimated
        step-size bias is larger than the entry's interval half-width.
-    9. ``"ci_contains_zero"``: ``ci_low <= 0 <= ci_high``.
-    10. ``"not_significant_bh"``: not rejected by Benjamini–Hochberg at level ``fdr``
+    10. ``"ci_contains_zero"``: ``ci_low <= 0 <= ci_high``.
+    11. ``"not_significant_bh"``: not rejected by Benjamini–Hochberg at level ``fdr``
        (``statsmodels`` ``multipletests(method="fdr_bh")``).
 
     The Benjamini–Hochberg family is every entry with finite estimates (all entries not
@@ -198,6 +213,7 @@ def assign_status(
     contains_zero = (ds["ci_low"] <= 0) & (ds["ci_high"] >= 0)
     biased = ds["bias_exceeds_interval"] if "bias_exceeds_interval" in ds else xr.zeros_like(chi)
     unstable = ds["unstable"] if "unstable" in ds else xr.zeros_like(chi)
+    low_acceptance = ds["low_acceptance"] if "low_acceptance" in ds else xr.zeros_like(chi)
     stuck = ds["stuck"] if "stuck" in ds else xr.zeros_like(chi)
     far = ds["loss_anchor"] if "loss_anchor" in ds else xr.zeros_like(chi)
 
@@ -222,6 +238,7 @@ def assign_status(
         for c in (
             diverged,
             unstable,
+            low_acceptance,
             stuck,
             far,
             nonfinite,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import warnings
@@ -325,14 +326,22 @@ def _check_stability(
 ) -> dict[str, dict[str, Any]]:
     """ε against each component's stiffest curvature, measured once per component and
     kept in ``stability.json`` (a resumed run reads it back); unstable ones are told."""
-    from bayes_susc.checks.stability import check_prior_dominance, check_stability
+    from bayes_susc.checks.stability import (
+        LangevinAcceptance,
+        StabilityCheck,
+        check_langevin_acceptance,
+        check_prior_dominance,
+        check_stability,
+    )
     from bayes_susc.target.posterior import LocalPosterior
 
     path = out / "stability.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
     kernel = spec.sampling.make_kernel()
+    seed = spec.sampling.seed
     for comp in spec.components:
-        if comp.name not in known:
+        # A folder written before a check existed gains it on resume.
+        if comp.name not in known or "acceptance" not in known[comp.name]:
             posterior = LocalPosterior(
                 spec.model,
                 spec.loss_fn,
@@ -341,17 +350,23 @@ def _check_stability(
                 nbeta=spec.sampling.nbeta,
                 gamma=spec.sampling.gamma,
             )
-            record = check_stability(posterior, kernel, seed=spec.sampling.seed).to_dict()
-            prior = check_prior_dominance(posterior, seed=spec.sampling.seed).to_dict()
-            record["prior"] = prior
+            record = known.get(comp.name)
+            if record is None:
+                record = check_stability(posterior, kernel, seed=seed).to_dict()
+                record["prior"] = check_prior_dominance(posterior, seed=seed).to_dict()
+            accept = check_langevin_acceptance(posterior, kernel, seed=seed)
+            record["acceptance"] = accept.to_dict()
             known[comp.name] = to_jsonable(record)
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(known, indent=2)))
-        if not known[comp.name]["stable"]:
-            from bayes_susc.checks.stability import StabilityCheck
-
-            fields = {k: v for k, v in known[comp.name].items() if k != "prior"}
-            message = StabilityCheck(**fields).message(comp.name)
-            tell(message, StabilityWarning)
+        record = known[comp.name]
+        if not record["stable"]:
+            fields = {k: v for k, v in record.items() if k not in ("prior", "acceptance")}
+            tell(StabilityCheck(**fields).message(comp.name), StabilityWarning)
+        accept = LangevinAcceptance(
+            **{k: math.nan if v is None else v for k, v in record["acceptance"].items()}
+        )
+        if record["stable"] and not accept.passed:
+            tell(accept.message(comp.name), StabilityWarning)
     prior = {
         c.name: known[c.name]["prior"]
         for c in spec.components
@@ -453,6 +468,11 @@ def _finish(
         "unstable": (
             [not stability[name]["stable"] for name in runs],
             "the kernel's step is beyond its stability limit (bayes_susc.checks.stability)",
+        ),
+        "low_acceptance": (
+            [not stability[name]["acceptance"]["passed"] for name in runs],
+            "MALA would accept the kernel's Langevin move less often than the healthy "
+            "range allows (bayes_susc.checks.stability.check_langevin_acceptance)",
         ),
         "stuck": (
             [_failed(health[name], "stuck") for name in runs],

@@ -323,6 +323,12 @@ def _convergence_table(matrix: xr.Dataset, summary: dict) -> str:
             if isinstance(stab.get("value"), float) and isinstance(stab.get("limit"), float)
             else "–"
         )
+        accept = stab.get("acceptance") or {}
+        acceptance = (
+            f"{accept['value']:.2f} (floor {accept['floor']:g}, {accept['seconds']:.1f} s)"
+            if accept.get("scored") and isinstance(accept.get("value"), float)
+            else "–"
+        )
         rows.append(
             [
                 c,
@@ -331,6 +337,7 @@ def _convergence_table(matrix: xr.Dataset, summary: dict) -> str:
                 row.get("ess_phi", np.nan),
                 div,
                 step,
+                acceptance,
                 float(ess.sel(component=c).median()),
                 float(ok.sel(component=c)),
             ]
@@ -342,7 +349,9 @@ def _convergence_table(matrix: xr.Dataset, summary: dict) -> str:
         "Hochberg rejects χ = 0. Low ok fractions: sample longer (num_draws) or more chains. "
         "Step vs stability limit: ε·λmax (SGLD) or ε²·λmax (SGHMC, SGNHT) on the "
         "component's stiffest curvature, against the kernel's limit "
-        "(bayes_susc.checks.stability); at or above it every entry is 'unstable'."
+        "(bayes_susc.checks.stability); at or above it every entry is 'unstable'. "
+        "Langevin acceptance: how often MALA would accept the SGLD move (2 chains × 30 "
+        "moves after 20 from w*); below its floor every entry is 'low_acceptance'."
         "</p>"
     )
     header = [
@@ -352,6 +361,7 @@ def _convergence_table(matrix: xr.Dataset, summary: dict) -> str:
         "ESS φ",
         "diverged chains",
         "step vs stability limit",
+        "Langevin acceptance",
         "median entry ESS",
         "fraction ok",
     ]

@@ -15,7 +15,9 @@ kernel    measure                stable while
 ========  =====================  ===========================================
 sgld      ε·λmax                 < 4   (v ← v − (ε/2)∇U + √ε ξ)
 sghmc     ε²·λmax                < 4 − 2εα  (α: friction; unit mass)
-sgnht     ε²·λmax                < 4 − 2εA  (the thermostat's start A)
+sgnht     ε²·λmax                < 4 − 2εξ  (ξ: the larger of A and the
+                                 thermostat's start; gradient noise raises ξ
+                                 further, by ≈ 1e-7·A on the demo's heads)
 mala      –                      always (Metropolis rejects; see its acceptance)
 psgld     –                      not known before sampling (the preconditioner
                                  adapts to the gradients)
@@ -111,7 +113,10 @@ def stability_limit(kernel: Any, lambda_max: float) -> tuple[str, float, float, 
     if name == "sgld":
         return "eps*lambda_max", eps * lam, 4.0, (1.0 / lam if lam > 0 else math.inf)
     if name in ("sghmc", "sgnht"):
-        friction = float(kernel.friction if name == "sghmc" else kernel.diffusion)
+        if name == "sghmc":
+            friction = float(kernel.friction)
+        else:  # the thermostat starts at A unless told otherwise, and settles near A
+            friction = max(float(kernel.diffusion), float(kernel.thermostat_start))
         limit = 4.0 - 2.0 * eps * friction
         suggested = math.sqrt(limit / 4.0 / lam) if lam > 0 and limit > 0 else math.nan
         return "eps^2*lambda_max", eps * eps * lam, limit, suggested

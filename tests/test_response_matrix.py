@@ -94,6 +94,21 @@ TRIGGERS = {
 }
 
 
+def test_too_few_draws_fail_the_ess_check():
+    """A component with fewer kept draws than min_draws gets 'ess' on every entry, even
+    with a large ESS (the coverage study: ESS estimates from 4 x 100 draws overstate)."""
+    ds = make_matrix(3.0 + np.zeros((5, 4)))
+    ds["num_draws"] = ("component", np.array([800, 799, 400, 4000]))
+    out = rm.assign_status(ds)
+    assert out.attrs["min_draws"] == 800
+    np.testing.assert_array_equal(
+        out["status"].values[0], np.array(["ok", "ess", "ess", "ok"], dtype=object)
+    )
+    assert (rm.assign_status(ds, min_draws=400)["status"].values[:, 2] == "ok").all()
+    with pytest.raises(ValueError, match="min_draws"):
+        rm.assign_status(ds, min_draws=-1)
+
+
 @pytest.mark.parametrize("k", range(len(STATUS_REASONS)))
 def test_first_reason_wins(k):
     """An entry failing reason k and every later check gets reason k."""

@@ -65,6 +65,7 @@ Schema
     min_ess = 100.0
     max_rhat = 1.01
     fdr = 0.05
+    min_draws = 800            # kept draws pooled over chains, for the ess check
     n_resamples = 1000
     # block_length = 10.0      (block bootstraps; default chosen from the data)
     # seed = <sampling.seed>
@@ -221,6 +222,7 @@ _ESTIMATE = {
     "min_ess": ("float", 100.0),
     "max_rhat": ("float", 1.01),
     "fdr": ("float", 0.05),
+    "min_draws": ("int", 800),
     "n_resamples": ("int", 1000),
     "block_length": ("float", _NO),
     "seed": ("int", _NO),
@@ -509,7 +511,7 @@ def _check_estimate(e: dict) -> None:
 
     try:
         validate_settings(e["method"], e["confidence"], e["n_resamples"], e["seed"])
-        check_thresholds(e["min_ess"], e["max_rhat"], e["fdr"])
+        check_thresholds(e["min_ess"], e["max_rhat"], e["fdr"], e["min_draws"])
         if "block_length" in e and not e["block_length"] > 0:
             raise ValueError(f"block_length must be > 0, got {e['block_length']}")
     except (TypeError, ValueError) as exc:
@@ -947,6 +949,7 @@ def spec_from_config(p: Prepared) -> RunSpec:
             min_ess=e["min_ess"],
             max_rhat=e["max_rhat"],
             fdr=e["fdr"],
+            min_draws=e["min_draws"],
             n_resamples=e["n_resamples"],
             block_length=e.get("block_length"),
             seed=e["seed"],

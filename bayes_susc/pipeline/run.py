@@ -492,7 +492,11 @@ def _finish(
             )
             matrix[key].attrs["description"] = description
         matrix = assign_status(
-            matrix, min_ess=kw["min_ess"], max_rhat=kw["max_rhat"], fdr=kw["fdr"]
+            matrix,
+            min_ess=kw["min_ess"],
+            max_rhat=kw["max_rhat"],
+            fdr=kw["fdr"],
+            min_draws=kw["min_draws"],
         )
     save_response_matrix(matrix, out / "response_matrix.nc")
     analyses = _save_analyses(spec, out, matrix, health)

@@ -120,6 +120,8 @@ class EstimationSettings:
         method: interval method of :mod:`bayes_susc.estimation.susceptibility`.
         confidence: interval coverage, in (0, 1).
         min_ess, max_rhat, fdr: status thresholds (ESS in draws, R-hat, false-discovery rate).
+        min_draws: fewest kept draws pooled over a component's chains for an entry to
+            pass the ``ess`` check (the coverage study's 4 × 200).
         n_resamples: bootstrap resamples (bootstrap methods).
         block_length: block bootstrap length in draws; ``None``: chosen from the data.
         seed: resampling seed.
@@ -130,6 +132,7 @@ class EstimationSettings:
     min_ess: float = 100.0
     max_rhat: float = 1.01
     fdr: float = 0.05
+    min_draws: int = 800
     n_resamples: int = 1000
     block_length: float | None = None
     seed: int = 0
@@ -139,7 +142,7 @@ class EstimationSettings:
         from bayes_susc.estimation.susceptibility import validate_settings
 
         validate_settings(self.method, self.confidence, self.n_resamples, self.seed)
-        check_thresholds(self.min_ess, self.max_rhat, self.fdr)
+        check_thresholds(self.min_ess, self.max_rhat, self.fdr, self.min_draws)
         if self.block_length is not None and not self.block_length > 0:
             raise ValueError(f"block_length must be > 0, got {self.block_length}")
 
@@ -149,6 +152,7 @@ class EstimationSettings:
             "min_ess": self.min_ess,
             "max_rhat": self.max_rhat,
             "fdr": self.fdr,
+            "min_draws": self.min_draws,
             "method": self.method,
             "confidence": self.confidence,
             "n_resamples": self.n_resamples,

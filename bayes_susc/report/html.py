@@ -242,7 +242,7 @@ def _fmt(v: Any) -> str:
 def _settings_table(summary: dict, matrix: xr.Dataset, roles: xr.Dataset | None) -> str:
     rows = [[k, v] for k, v in summary.get("settings", {}).items()]
     out = "<h3>Run</h3>" + (html_table(["setting", "value"], rows, 2) if rows else "<p>–</p>")
-    keys = ("estimator", "method", "confidence", "min_ess", "max_rhat", "fdr", "seed")
+    keys = ("estimator", "method", "confidence", "min_ess", "min_draws", "max_rhat", "fdr", "seed")
     rows = [[key, matrix.attrs[key]] for key in keys if key in matrix.attrs]
     rows.append(["shape (probes × components)", " × ".join(map(str, matrix["chi"].shape))])
     out += "<h3>Response matrix</h3>" + html_table(["setting", "value"], rows, 2)

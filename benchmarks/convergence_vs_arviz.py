@@ -13,6 +13,10 @@ linearly to N (its cost per series is constant: it handles one series at a time)
 The ratio is taken against the faster ArviZ route. The values are checked to agree on
 the timed subset. Prints a table and writes ``--out DIR/results.json``.
 
+Runs under ArviZ 0.x and 1.x: the ArviZ calls go through ``tests/arviz_reference.py``,
+which passes ArviZ 1.x the tail quantiles (5 %, 95 %) that 0.x and ours use (1.x's
+default is 11 %, 89 %). Run it from the repository root (``tests`` is not installed).
+
     python -m benchmarks.convergence_vs_arviz [--quick] [--out DIR]
 """
 
@@ -28,12 +32,12 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import arviz as az
 import numpy as np
 import scipy
 from scipy import signal
 
 from bayes_susc.estimation.convergence import summary
+from tests.arviz_reference import SERIES, az, dataset_stats
 
 N_CHAINS, N_DRAWS = 4, 200
 KEYS = ("rhat", "ess_bulk", "ess_tail", "mcse_mean")
@@ -57,21 +61,13 @@ def arviz_loop(x: np.ndarray) -> dict[str, np.ndarray]:
     out = {k: np.empty(x.shape[2]) for k in KEYS}
     for i in range(x.shape[2]):
         s = x[:, :, i]
-        out["rhat"][i] = az.rhat(s)
-        out["ess_bulk"][i] = az.ess(s, method="bulk")
-        out["ess_tail"][i] = az.ess(s, method="tail")
-        out["mcse_mean"][i] = az.mcse(s, method="mean")
+        for k in KEYS:
+            out[k][i] = SERIES[k](s)
     return out
 
 
 def arviz_dataset(x: np.ndarray) -> dict[str, np.ndarray]:
-    ds = az.convert_to_dataset({"w": x})
-    return {
-        "rhat": az.rhat(ds)["w"].values,
-        "ess_bulk": az.ess(ds, method="bulk")["w"].values,
-        "ess_tail": az.ess(ds, method="tail")["w"].values,
-        "mcse_mean": az.mcse(ds, method="mean")["w"].values,
-    }
+    return dataset_stats(x, KEYS)
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:

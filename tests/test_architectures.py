@@ -9,7 +9,7 @@ group is cut off. Models are tiny random-init configs built locally (no hub acce
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tl_compat import hooked_transformer_lens
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +45,7 @@ from bayes_susc.target.architectures import (  # noqa: E402
     parameter_components,
     unembedding,
 )
+from bayes_susc.target.posterior import tied_names  # noqa: E402
 
 N_LAYERS, N_HEADS, N_KV, D_MODEL, D_HEAD, VOCAB, CTX = 2, 4, 2, 32, 8, 50, 16
 ALL = slice(None)
@@ -78,7 +80,8 @@ def _attn_only():
 
 
 def _tl(n_kv: int | None):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    tl = hooked_transformer_lens()  # skips under TransformerLens 4.x (bridges below)
+    HookedTransformer, HookedTransformerConfig = tl.HookedTransformer, tl.HookedTransformerConfig
 
     extra = {} if n_kv is None else {"n_key_value_heads": n_kv}
     cfg = HookedTransformerConfig(
@@ -145,6 +148,59 @@ def _llama_like(kind: str):
     return model_cls(cfg)
 
 
+def _bridge(build_hf: Callable[[], nn.Module]) -> nn.Module:
+    """A TransformerLens TransformerBridge (3.x or 4.x) around a tiny Hugging Face model,
+    built locally: the builder ``TransformerBridge.boot_transformers`` calls after loading."""
+    transformers = pytest.importorskip("transformers")
+
+    try:
+        from transformer_lens.model_bridge.sources._bridge_builder import (
+            build_bridge_from_module,
+        )
+    except ImportError:
+        pytest.skip("this TransformerLens has no build_bridge_from_module")
+    hf = build_hf()
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_bridge_from_module(hf, type(hf).__name__, hf_config=hf.config)
+
+
+def _compat(bridge: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge.enable_compatibility_mode()
+    return bridge
+
+
+def _bridge_family(
+    hf_attn: Callable[[int], str], out_index: Callable[[int], tuple], n_kv: int, fused: bool
+) -> Family:
+    """A bridge's attention of layer l is reached as ``hf_attn(l)`` (the Hugging Face
+    path with ``._original_component`` segments); its forward reads the maps q, k, v
+    (split from the fused qkv weight where the model fuses them) and o (o_proj if not)."""
+    o = "o" if fused else "o_proj"
+    return Family(
+        "transformer_lens",
+        None,  # set below: the Hugging Face builder inside _bridge
+        False,  # bridge(ids) returns the logits
+        lambda l, h: (f"{hf_attn(l)}{o}._original_component.weight", out_index(h)),
+        lambda l: hf_attn(l),
+        # The o bias is shared; the fused qkv weight, which the bridge split into q, k,
+        # v and no longer reads, belongs to no head.
+        lambda l: (
+            [
+                f"{hf_attn(l)}{o}._original_component.bias",
+                f"{hf_attn(l)}qkv._original_component.weight",
+                f"{hf_attn(l)}qkv._original_component.bias",
+            ]
+            if fused
+            else []
+        ),
+        n_kv,
+    )
+
+
 def _tl_family(n_kv: int | None) -> Family:
     return Family(
         "transformer_lens",
@@ -201,7 +257,31 @@ FAMILIES: dict[str, Family] = {
     "llama": _llama_family("llama"),
     "mistral": _llama_family("mistral"),
     "qwen2": _llama_family("qwen2"),  # Llama layout with q/k/v biases
+    # TransformerLens TransformerBridge (3.x and 4.x) around the Hugging Face models above.
+    # GPT-2: o is the Conv1D c_proj (input rows h*e:(h+1)*e from head h).
+    "bridge_gpt2": _bridge_family(
+        lambda l: f"transformer.h.{l}._original_component.attn.", _rows, N_HEADS, True
+    ),
+    # GPT-NeoX: o is the Linear dense (input columns h*e:(h+1)*e).
+    "bridge_gpt_neox": _bridge_family(
+        lambda l: f"gpt_neox.layers.{l}._original_component.attention.", _cols, N_HEADS, True
+    ),
+    # Llama (grouped-query): q_proj ... o_proj as they are, o_proj columns h*e:(h+1)*e.
+    "bridge_llama": _bridge_family(
+        lambda l: f"model.layers.{l}._original_component.self_attn._original_component.",
+        _cols,
+        N_KV,
+        False,
+    ),
 }
+FAMILIES["bridge_gpt2"].build = lambda: _bridge(_gpt2)
+# HookedTransformer-equivalent numerics (folded layer norms, centred weights): the same
+# q/k/v/o maps, processed in place.
+FAMILIES["bridge_gpt2_compat"] = dataclasses.replace(
+    FAMILIES["bridge_gpt2"], build=lambda: _compat(_bridge(_gpt2))
+)
+FAMILIES["bridge_gpt_neox"].build = lambda: _bridge(_neox)
+FAMILIES["bridge_llama"].build = lambda: _bridge(lambda: _llama_like("llama"))
 GQA = [k for k, f in FAMILIES.items() if f.n_kv < N_HEADS]
 _BUILT: dict[str, nn.Module] = {}
 
@@ -244,15 +324,21 @@ def _loss_fn(hf: bool) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
 
 
 def _grads_with_heads_cut(fam: Family, model: nn.Module, tokens, heads) -> dict[str, torch.Tensor]:
-    """Loss gradients of a copy of ``model`` whose listed heads' output slices are zero."""
-    m = copy.deepcopy(model)
-    params = dict(m.named_parameters())
-    with torch.no_grad():
-        for layer, head in heads:
-            pname, index = fam.out_slice(layer, head)
-            params[pname][index] = 0.0
-    loss = _loss_fn(fam.hf)(m, tokens).mean()
-    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    """Loss gradients of ``model`` with the listed heads' output slices set to zero (in
+    place, then restored: a bridge cannot be deep-copied)."""
+    params = dict(model.named_parameters())
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with torch.no_grad():
+            for layer, head in heads:
+                pname, index = fam.out_slice(layer, head)
+                params[pname][index] = 0.0
+        loss = _loss_fn(fam.hf)(model, tokens).mean()
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
     return {
         n: torch.zeros_like(p) if g is None else g
         for (n, p), g in zip(params.items(), grads, strict=True)
@@ -389,13 +475,24 @@ def test_mlps_embeddings_unembedding_resolve(family):
             assert r.dim == sum(params[p].numel() for p in r.param_names)
             assert all(".mlp." in p for p in r.param_names)
     emb = [c.name for c in embeddings(model)]
-    learned_pos = name in ("attn_only", "transformer_lens", "transformer_lens_gqa", "gpt2")
+    learned_pos = name in (
+        "attn_only",
+        "transformer_lens",
+        "transformer_lens_gqa",
+        "gpt2",
+        "bridge_gpt2",
+        "bridge_gpt2_compat",
+    )
     assert emb == (["embed", "pos_embed"] if learned_pos else ["embed"])
     assert names[: len(emb)] == emb and names[-1] == "unembed"
     un = unembedding(model).resolve(model)
     assert un.dim >= VOCAB * D_MODEL
     if name == "gpt2":  # tied: the embedding's matrix, under its name
         assert un.param_names == ["transformer.wte.weight"]
+    if name == "bridge_gpt2":  # the same matrix (TransformerLens 3.x adds a bias)
+        assert un.param_names[0] == "transformer.wte._original_component.weight"
+    if name == "bridge_gpt2_compat":  # compatibility mode unties it (weight processing)
+        assert un.param_names[0] == "lm_head._original_component.weight"
 
 
 # HF's default sdpa attention on CPU has no vmap batching rule (a per-chain fallback).
@@ -490,23 +587,50 @@ def test_unsupported_models_fail_naming_what_is_supported():
     assert attention_heads(base)[0].selections.keys() >= {"h.0.attn.c_proj.weight"}
 
 
-def test_transformer_bridge_points_to_the_wrapped_model():
+def test_transformer_bridge_reads_split_qkv_and_refuses_its_wrapped_model(tokens):
+    """The bridge's forward pass reads the split q/k/v, not GPT-2's fused c_attn: heads
+    select the split maps, the fused weight gets no gradient, and the Hugging Face model
+    inside the bridge (modified in place) is refused instead of mapped to c_attn."""
     pytest.importorskip("transformer_lens")
-    transformers = pytest.importorskip("transformers")
-    try:
-        from transformer_lens.model_bridge.sources._bridge_builder import (
-            build_bridge_from_module,
-        )
-    except ImportError:
-        pytest.skip("this TransformerLens has no build_bridge_from_module")
+    pytest.importorskip("transformers")
+    bridge = _float64(_bridge(_gpt2))
+    fused = "transformer.h.0._original_component.attn.qkv._original_component.weight"
+    split = "transformer.h.0._original_component.attn.q._original_component.weight"
+    params = dict(bridge.named_parameters())
+    head = _by_name(attention_heads(bridge))["L0H1"].resolve(bridge)
+    assert split in head.param_names and fused not in head.param_names
+    k = head.param_names.index(split)
+    assert torch.equal(head.flat_indices[k], _flat(params[split].shape, _rows(1)))
+    loss = _loss_fn(False)(bridge, tokens).mean()
+    g_fused, g_split = torch.autograd.grad(loss, [params[fused], params[split]], allow_unused=True)
+    assert g_fused is None or torch.count_nonzero(g_fused) == 0
+    assert torch.count_nonzero(g_split) > 0
+    with pytest.raises(TypeError, match="wrapped by a TransformerLens TransformerBridge"):
+        attention_heads(bridge.original_model)
+
+
+def test_tied_names_count_slots_not_paths():
+    """GPT-2's LM head is tied to its embedding (another slot: both are set); a bridge
+    reaches one slot through two module paths (set once, else torch's own tying leaves
+    the replacement in the model after functional_call)."""
+    pytest.importorskip("transformers")
     hf = _gpt2()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
-        bridge = build_bridge_from_module(hf, "GPT2LMHeadModel", hf_config=hf.config)
-    with pytest.raises(TypeError, match="original_model"):
-        attention_heads(bridge)
-    assert len(attention_heads(bridge.original_model)) == N_LAYERS * N_HEADS
+    assert tied_names(hf, ["transformer.wte.weight"]) == {
+        "transformer.wte.weight": ["lm_head.weight"]
+    }
+    pytest.importorskip("transformer_lens")
+    bridge = _bridge(_gpt2).eval()
+    o = "transformer.h.0._original_component.attn.o._original_component.weight"
+    assert tied_names(bridge, [o]) == {o: []}
+    original = dict(bridge.named_parameters())[o]
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
+    zeros = {o: torch.zeros_like(original)}
+    out = torch.func.functional_call(bridge, zeros, (ids,), tie_weights=False)
+    assert not torch.equal(out, bridge(ids))  # the zeros were used ...
+    assert dict(bridge.named_parameters())[o] is original  # ... and the model restored
+    with torch.no_grad():
+        original.zero_()
+    torch.testing.assert_close(bridge(ids), out)
 
 
 def test_user_defined_sets_on_a_plain_module():

@@ -1,8 +1,12 @@
 """Vectorized convergence diagnostics equal ArviZ's, entry by entry.
 
-The reference is ArviZ 0.23 itself, looped over the entries of the same array
-(``az.rhat(x[..., i])`` etc.). The statistics are deterministic functions of the
-draws, so the tolerance is floating-point rounding (rtol 1e-6), not Monte Carlo error.
+The reference is ArviZ itself, looped over the entries of the same array
+(``az.rhat(x[..., i])`` etc.): ArviZ 0.23 on Python 3.11, ArviZ 1.x (arviz-stats) on
+Python ≥ 3.12, both through ``tests/arviz_reference.py``, which passes ArviZ 1.x the
+tail quantiles of our (and 0.23's) tail ESS (1.x changed their default; see there and
+``test_default_tail_ess_of_each_generation``). The statistics are deterministic
+functions of the draws, so the tolerance is floating-point rounding (rtol 1e-6), not
+Monte Carlo error, on both generations.
 """
 
 from __future__ import annotations
@@ -11,9 +15,16 @@ import logging
 import warnings
 import zlib
 
-import arviz as az
 import numpy as np
 import pytest
+from arviz_reference import (
+    ARVIZ1_DEFAULT_TAIL_PROB,
+    ARVIZ_MAJOR,
+    SERIES,
+    dataset_stats,
+    default_tail_ess,
+    looped,
+)
 from scipy import signal, stats
 
 from bayes_susc.estimation import convergence
@@ -38,14 +49,7 @@ OURS = {
     "mcse_sd": mcse_sd,
 }
 
-ARVIZ = {
-    "rhat": lambda s: az.rhat(s, method="rank"),
-    "ess_bulk": lambda s: az.ess(s, method="bulk", relative=False),
-    "ess_tail": lambda s: az.ess(s, method="tail", relative=False),
-    "ess_mean": lambda s: az.ess(s, method="mean", relative=False),
-    "mcse_mean": lambda s: az.mcse(s, method="mean"),
-    "mcse_sd": lambda s: az.mcse(s, method="sd"),
-}
+ARVIZ = SERIES  # name -> ArviZ on one (chain, draw) series, either generation
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,11 +64,7 @@ def _quiet_arviz():
 
 def arviz_reference(x: np.ndarray, name: str) -> np.ndarray:
     """ArviZ's statistic looped over the entries of x (chain, draw, *entries)."""
-    flat = x.reshape(x.shape[0], x.shape[1], -1)
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        values = [float(ARVIZ[name](flat[:, :, i])) for i in range(flat.shape[2])]
-    return np.array(values).reshape(x.shape[2:])
+    return looped(x, name)
 
 
 def ar1(rng: np.random.Generator, shape: tuple[int, ...], phi: float) -> np.ndarray:
@@ -182,13 +182,32 @@ def edge_case_array() -> np.ndarray:
     return x  # entry 8 stays a healthy normal series
 
 
-def test_edge_cases_equal_arviz() -> None:
+# Entry 4 of edge_case_array (a whole chain at -inf): ArviZ 1.x takes the tail quantiles
+# with np.quantile(method="linear"), which interpolates between two -inf draws as
+# -inf + 0 * (-inf - -inf) = NaN; every indicator x <= NaN is False, that indicator's ESS
+# is the number of draws, and its tail ESS is the 95 % indicator's alone. ArviZ 0.x
+# (scipy's mquantiles) and ours give q05 = -inf, whose indicator marks the -inf chain.
+INF_CHAIN_ENTRY = 4
+
+
+def test_edge_cases_equal_arviz(monkeypatch: pytest.MonkeyPatch) -> None:
     x = edge_case_array()
     for name, fn in OURS.items():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             ours = fn(x)
-        np.testing.assert_allclose(ours, arviz_reference(x, name), rtol=RTOL, atol=0, err_msg=name)
+        ref = arviz_reference(x, name)
+        if ARVIZ_MAJOR >= 1 and name == "ess_tail":
+            keep = np.arange(x.shape[2]) != INF_CHAIN_ENTRY
+            np.testing.assert_allclose(ours[keep], ref[keep], rtol=RTOL, atol=0, err_msg=name)
+            # The documented difference: ArviZ 1.x is our 95 %-indicator ESS there.
+            assert ours[INF_CHAIN_ENTRY] < 10 and ref[INF_CHAIN_ENTRY] > 700
+            with monkeypatch.context() as m:
+                m.setattr(convergence, "TAIL_PROBS", (0.95, 0.95))
+                upper = fn(x)[INF_CHAIN_ENTRY]
+            np.testing.assert_allclose(ref[INF_CHAIN_ENTRY], upper, rtol=RTOL)
+            continue
+        np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=0, err_msg=name)
 
 
 def test_nan_entries_do_not_spoil_others() -> None:
@@ -227,9 +246,26 @@ def test_shapes_with_two_entry_dims() -> None:
         assert values.shape == (3, 5), name
         np.testing.assert_array_equal(values.reshape(15), fn(flat), err_msg=name)
     # ArviZ's own route for multi-dimensional variables (xarray ufunc over the entries).
-    dataset = az.convert_to_dataset({"w": x})
-    np.testing.assert_allclose(rhat(x), az.rhat(dataset)["w"].values, rtol=RTOL)
-    np.testing.assert_allclose(ess_tail(x), az.ess(dataset, method="tail")["w"].values, rtol=RTOL)
+    ref = dataset_stats(x, ("rhat", "ess_tail"))
+    np.testing.assert_allclose(rhat(x), ref["rhat"], rtol=RTOL)
+    np.testing.assert_allclose(ess_tail(x), ref["ess_tail"], rtol=RTOL)
+
+
+def test_default_tail_ess_of_each_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ArviZ 0.x's tail ESS is ours (5 % / 95 % quantiles); ArviZ 1.x's default is the
+    same definition at the 11 % / 89 % quantiles (prob = rcParams["stats.ci_prob"] =
+    0.89), which the reference above overrides with prob=(0.05, 0.95)."""
+    x = ar1(np.random.default_rng(3), (4, 120, 3, 5), 0.7)
+    default = default_tail_ess(x)
+    ours = ess_tail(x)
+    if ARVIZ_MAJOR < 1:
+        np.testing.assert_allclose(default, ours, rtol=RTOL)
+        return
+    # The two definitions differ by far more than rounding on these series ...
+    assert np.max(np.abs(default / ours - 1.0)) > 0.1
+    # ... and ours at ArviZ 1.x's default quantiles is ArviZ 1.x's default.
+    monkeypatch.setattr(convergence, "TAIL_PROBS", ARVIZ1_DEFAULT_TAIL_PROB)
+    np.testing.assert_allclose(ess_tail(x), default, rtol=RTOL)
 
 
 def test_no_entry_dims_returns_scalar() -> None:

@@ -4,6 +4,7 @@ script: config, documented head-role figures, and the training batches."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +26,14 @@ from bayes_susc.demo.train_demo import (
 )
 
 META = json.loads(DEMO_CHECKPOINT.with_suffix(".json").read_text())
+
+# The demo's corpus is the running Python's standard library (its source and pydoc
+# prose), and the figures in demo_model.json were logged on Python 3.11. Other versions
+# ship different text: on Python 3.12 the evaluation loss moves by 0.004 nats and the
+# head-role scores by up to 0.021, so there the figures hold to a corpus tolerance.
+ON_REFERENCE_PYTHON = sys.version_info[:2] == (3, 11)
+LOSS_ATOL = 1e-3 if ON_REFERENCE_PYTHON else 0.02
+ROLE_ATOL = 2e-4 if ON_REFERENCE_PYTHON else 0.05
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +67,14 @@ def test_checkpoint_is_small_safetensors_with_the_demo_config(shipped):
     tokens, _ = mixed_corpus(64, 64, seed=2)
     with torch.no_grad():
         loss = next_token_loss(shipped, tokens).mean().item()
-    assert loss == pytest.approx(META["eval_loss"], abs=1e-3)
+    assert loss == pytest.approx(META["eval_loss"], abs=LOSS_ATOL)
     assert loss < 1.8
 
 
 def test_head_roles_reproduce_the_documented_figures(roles):
     for name in ("induction", "previous_token", "duplicate_token"):
         want = [META["head_roles"][name][str(c)] for c in roles["component"].values]
-        np.testing.assert_allclose(roles[name].values, want, atol=2e-4)
+        np.testing.assert_allclose(roles[name].values, want, atol=ROLE_ATOL, err_msg=name)
     ind = roles["induction"].values.reshape(2, 8)
     prev = roles["previous_token"].values.reshape(2, 8)
     # Induction heads in layer 1 only: the best layer-1 head attends >= 0.3 of its mass

@@ -11,16 +11,17 @@
 2. ``PyroKernel`` driven by ``pyro.infer.MCMC`` on the linear–Gaussian potential_fn:
    "mala" matches Σ; "sgld" matches its own stationary law S and not Σ.
 
-MCSEs are ESS-aware (``arviz.mcse`` per coordinate and per centred product).
+MCSEs are ESS-aware (``arviz.mcse`` per coordinate and per centred product, through
+``tests/arviz_reference.py`` (ArviZ 0.x or 1.x)).
 """
 
 from __future__ import annotations
 
-import arviz as az
 import numpy as np
 import pyro
 import pytest
 import torch
+from arviz_reference import mcse_mean
 from pyro.infer import MCMC, NUTS
 
 import bayes_susc
@@ -51,8 +52,8 @@ def _mean_and_var(v: np.ndarray) -> tuple[np.ndarray, ...]:
     d = v.shape[-1]
     mean = v.mean(axis=(0, 1))
     sq = (v - mean) ** 2
-    mean_se = np.array([az.mcse(v[..., a]) for a in range(d)])
-    var_se = np.array([az.mcse(sq[..., a]) for a in range(d)])
+    mean_se = np.array([mcse_mean(v[..., a]) for a in range(d)])
+    var_se = np.array([mcse_mean(sq[..., a]) for a in range(d)])
     return mean, mean_se, sq.mean(axis=(0, 1)), var_se
 
 
@@ -179,13 +180,13 @@ def _z_cov(delta: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """z of the means against 0 and of the upper-triangle covariance entries against cov."""
     s = delta.shape[-1]
     mean = delta.mean(axis=(0, 1))
-    z_mean = mean / np.array([az.mcse(delta[..., a]) for a in range(s)])
+    z_mean = mean / np.array([mcse_mean(delta[..., a]) for a in range(s)])
     centred = delta - mean
     z = []
     for a in range(s):
         for b in range(a, s):
             prod = centred[..., a] * centred[..., b]
-            z.append((prod.mean() - cov[a, b]) / az.mcse(prod))
+            z.append((prod.mean() - cov[a, b]) / mcse_mean(prod))
     return z_mean, np.array(z)
 
 

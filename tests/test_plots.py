@@ -17,7 +17,7 @@ from scipy.stats import norm  # noqa: E402
 
 from bayes_susc.estimation import response_matrix as rm  # noqa: E402
 from bayes_susc.report import plots  # noqa: E402
-from bayes_susc.storage.draws import make_inference_data  # noqa: E402
+from bayes_susc.storage.draws import available_backends, make_inference_data  # noqa: E402
 
 DIMS = ("probe", "component")
 
@@ -186,7 +186,8 @@ def _run(backend: str):
     return make_inference_data({"posterior": post, "sample_stats": stats}, backend)
 
 
-@pytest.mark.parametrize("backend", ["inferencedata", "datatree"])
+# InferenceData only under ArviZ 0.x
+@pytest.mark.parametrize("backend", available_backends())
 def test_trace_overlays_chains(backend, tmp_path):
     data = _run(backend)
     fig = plots.trace(data)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import xarray as xr
+from tl_compat import hooked_transformer_lens
 
 from bayes_susc.errors import RunFolderError
 
@@ -61,7 +62,8 @@ def test_tiny_gpt2_example_runs_and_resumes(tmp_path):
 
 
 def _tl_model():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    tl = hooked_transformer_lens()  # skips under TransformerLens 4.x
+    HookedTransformer, HookedTransformerConfig = tl.HookedTransformer, tl.HookedTransformerConfig
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from arviz_reference import ARVIZ_MAJOR, BACKENDS
 
 import bayes_susc
 from bayes_susc import (
@@ -38,7 +39,12 @@ from bayes_susc.kernels import (
     unregister_kernel,
 )
 from bayes_susc.sampling.driver import chain_seeds
-from bayes_susc.storage.draws import group_names, make_inference_data
+from bayes_susc.storage.draws import (
+    check_backend,
+    default_backend,
+    group_names,
+    make_inference_data,
+)
 
 KERNELS = ["sgld", "psgld", "sghmc", "sgnht", "mala"]
 TINY = AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, d_head=8, n_ctx=16)
@@ -702,7 +708,8 @@ def test_kernel_statistics_mala_and_sgnht():
 
 
 # ----------------------------------------------------------------------- storage
-@pytest.mark.parametrize("backend", ["inferencedata", "datatree"])
+# Both containers under ArviZ 0.x; only DataTree under ArviZ 1.x (no InferenceData).
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_save_load_round_trip(tmp_path, backend):
     _, post, data = _linear_posterior()
     kw = dict(backend=backend, probe_coords={"token": list("abcdefg")})
@@ -712,7 +719,7 @@ def test_save_load_round_trip(tmp_path, backend):
     target = tmp_path / "run.nc"
     assert save(idata, target) == target
     assert os.listdir(tmp_path) == ["run.nc"]
-    for load_backend in ("inferencedata", "datatree"):
+    for load_backend in BACKENDS:
         back = load(target, backend=load_backend)
         assert set(group_names(back)) == set(group_names(idata))
         for g in group_names(idata):
@@ -726,6 +733,31 @@ def test_save_load_round_trip(tmp_path, backend):
     back = load(target, backend=backend)
     for g in group_names(other):
         xr.testing.assert_identical(get_group(back, g), get_group(other, g))
+
+
+def test_default_backend_follows_the_installed_arviz(tmp_path):
+    _, post, data = _linear_posterior()
+    run = _run(post, data)
+    target = tmp_path / "run.nc"
+    save(run, target)
+    if ARVIZ_MAJOR < 1:
+        assert default_backend() == "inferencedata" and BACKENDS == ("inferencedata", "datatree")
+        assert isinstance(run, arviz.InferenceData) and isinstance(load(target), type(run))
+    else:
+        assert default_backend() == "datatree" and BACKENDS == ("datatree",)
+        assert isinstance(run, xr.DataTree) and isinstance(load(target), xr.DataTree)
+        # InferenceData is gone in ArviZ 1.x: asking for it fails, naming the argument.
+        need = r"backend='inferencedata' needs arviz<1"
+        group = {"posterior": xr.Dataset({"phi": (("chain", "draw"), np.zeros((1, 4)))})}
+        with pytest.raises(ValueError, match=need):
+            make_inference_data(group, "inferencedata")
+        with pytest.raises(ValueError, match=need):
+            load(target, backend="inferencedata")
+        with pytest.raises(ValueError, match=need):
+            _run(post, data, backend="inferencedata")
+    for bad in ("InferenceData", "auto", 1):
+        with pytest.raises(ValueError, match="backend must be 'inferencedata', 'datatree' or None"):
+            check_backend(bad)
 
 
 def test_failed_save_keeps_old_file_and_no_temp(tmp_path):

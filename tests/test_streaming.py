@@ -168,7 +168,18 @@ def test_estimate_over_store_in_probe_blocks_equals_memory(runs, read_widths, kw
     mem, disk = runs["mem"]["S1"], runs["disk"]["S1"]
     ref = estimate(mem, **kw)
     got = estimate(disk, probe_chunk=5, **kw)
-    _assert_same_estimate(ref, got)
+    if "groups" not in kw:
+        _assert_same_estimate(ref, got)
+    else:
+        # A data set's ΔL is summed block by block from the store and in one product in
+        # memory: equal to ~1e-15, not bit for bit. R-hat folds the product series about
+        # its median, and the two draws beside an even-sized median fold to the same value
+        # up to that rounding, so which ranks first (and R-hat, by ~1e-3 at 120 draws)
+        # depends on the rounding; NumPy builds differ in it. In the same blocks the
+        # store and memory agree exactly; across blockings everything but R-hat does.
+        _assert_same_estimate(estimate(mem, probe_chunk=5, **kw), got, rtol=0)
+        _assert_same_estimate(ref.drop_vars("rhat"), got.drop_vars("rhat"))
+        np.testing.assert_allclose(got["rhat"].values, ref["rhat"].values, rtol=2e-3)
     # The numbers are real estimates (finite, some away from zero), not NaN == NaN.
     assert np.isfinite(ref["chi"]).all() and np.isfinite(ref["se"]).all()
     assert (np.abs(ref["chi"]) > 2 * ref["se"]).any()

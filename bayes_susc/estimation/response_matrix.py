@@ -77,16 +77,7 @@ STATUS_REASONS = (
     "not_significant_bh",
 )
 #: Reasons that say the estimate itself cannot be trusted (not merely "not different from 0").
-CONVERGENCE_REASONS = (
-    "diverged",
-    "unstable",
-    "low_acceptance",
-    "stuck",
-    "loss_anchor",
-    "nonfinite",
-    "rhat",
-    "ess",
-)
+CONVERGENCE_REASONS = STATUS_REASONS[: STATUS_REASONS.index("ess") + 1]
 
 #: Default R-hat threshold: Vehtari, Gelman, Simpson, Carpenter & Bürkner (2021),
 #: "Rank-normalization, folding, and localization: an improved R-hat", recommend

@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -25,7 +25,13 @@ from tqdm.auto import tqdm
 
 from bayes_susc.errors import DivergenceWarning
 from bayes_susc.kernels.base import Kernel, NoiseSource, make_kernel
-from bayes_susc.storage.draws import Backend, make_inference_data
+from bayes_susc.storage.draws import (
+    Backend,
+    check_backend,
+    get_group,
+    group_names,
+    make_inference_data,
+)
 from bayes_susc.storage.streaming import DrawWriter, check_store_args, open_store
 from bayes_susc.target.posterior import Batch, BoundFunction, LocalPosterior, as_batch_list
 from bayes_susc.validation import check_int
@@ -130,8 +136,8 @@ class Evaluator:
             bound = BoundFunction(posterior.model, fn)
 
             def single(v: torch.Tensor, bound: torch.nn.Module = bound) -> torch.Tensor:
-                params = {"model." + k: t for k, t in posterior.params_from(v).items()}
-                return functional_call(bound, params, (), strict=False)
+                params = posterior.functional_params(v)
+                return functional_call(bound, params, (), strict=False, tie_weights=False)
 
             if name in _RESERVED_NAMES:
                 raise ValueError(
@@ -180,8 +186,16 @@ SAMPLE_KEYWORDS = frozenset(
         "chains",
         "store",
         "chunk_draws",
+        "keep_state",
+        "resume_from",
     }
 )
+
+#: The group that holds the sampler's state after the last step (``keep_state=True``).
+SAMPLER_STATE_GROUP = "sampler_state"
+# Entries of the run config that do not identify the run a result can be extended from:
+# its length, where its chains diverged (carried in the state), and package versions.
+_NOT_IDENTITY = frozenset({"num_draws", "versions", "diverged_chains", "diverged_at_step"})
 
 
 def sample(
@@ -203,6 +217,8 @@ def sample(
     chains: Sequence[int] | None = None,
     store: str | os.PathLike | None = None,
     chunk_draws: int | None = None,
+    keep_state: bool = False,
+    resume_from: Any = None,
     **kernel_kwargs: Any,
 ) -> Any:
     """Sample the local posterior and record observables at kept draws.
@@ -226,7 +242,8 @@ def sample(
         chain_method: ``"vectorized"`` (all chains in one ``vmap``'d call) or
             ``"sequential"`` (one chain after another, same draws up to rounding).
         progress: tqdm bar; ``None`` shows it only when stderr is a terminal.
-        backend: ``"inferencedata"`` or ``"datatree"``; default follows ArviZ's version.
+        backend: ``"inferencedata"`` (ArviZ < 1 only) or ``"datatree"``; default follows
+            the installed ArviZ (see :func:`bayes_susc.storage.draws.check_backend`).
         chains: compute only these chains (distinct indices in ``[0, num_chains)``) of
             the ``num_chains``-chain run; each equals its chain of the full run (to float
             rounding when vectorized), so runs of disjoint chain groups can be merged
@@ -239,6 +256,26 @@ def sample(
         chunk_draws: kept draws per chain buffered on the device between writes to
             ``store`` (only with ``store``); default: 50, or fewer so that the buffered
             probe losses (chains × draws × probe items) stay within 2²¹ values.
+        keep_state: also return the sampler's state after the last step, in a group
+            ``sampler_state`` (see :func:`sampler_state_dataset`), so that the run can be
+            extended with ``resume_from``; :func:`bayes_susc.save` and ``load`` keep it.
+            It costs one copy of the kernel state per chain (the position, plus momentum,
+            thermostat or preconditioner for the kernels that have them) and the chain's
+            generator state (5,056 bytes on CPU). Default ``False``: the result holds
+            ``posterior``, ``sample_stats`` and ``constant_data`` only.
+        resume_from: a result of this function made with ``keep_state=True`` (or one
+            extended from such), in memory or loaded from a file: continue its chains by
+            ``num_draws`` more kept draws from their saved kernel and generator state, and
+            return the whole run (its draws, then the new ones, with ``sampler_state``).
+            On CPU the result equals, bit for bit, a single run of the total length with
+            the same settings (same ``chain_method``), when both run with the same torch
+            build and thread count (``torch.get_num_threads()``: float reductions, and so
+            the anchor losses, depend on it). Every other argument must describe
+            the same run (posterior and component, kernel and hyperparameters, seed,
+            chains, burn-in, thinning, chain method, dtype, device, evaluation and probe
+            data, observable names); a ``ValueError`` names what differs. Not with
+            ``store``. ``resume_from`` itself is never modified, so an extension that is
+            interrupted can simply be run again.
         **kernel_kwargs: hyperparameters for a kernel given by name (e.g. ``step_size``).
 
     Returns:
@@ -246,7 +283,8 @@ def sample(
         ``eval_loss`` (chain, draw), ``probe_loss`` (chain, draw, probe), user
         observables), ``sample_stats`` (``loss``, ``potential``, ``grad_norm``,
         ``distance``, ``diverged``, kernel statistics) and ``constant_data``
-        (observables at w*). A chain diverges at the first step whose state or potential is
+        (observables at w*), and ``sampler_state`` with ``keep_state`` or
+        ``resume_from``. A chain diverges at the first step whose state or potential is
         non-finite, or at the first kept draw whose phi, eval_loss, a probe_loss or
         distance is; from then on its draws are NaN and flagged in ``diverged``.
     """
@@ -258,6 +296,7 @@ def sample(
     num_burnin = check_int("num_burnin", num_burnin, minimum=0)
     steps_per_draw = check_int("steps_per_draw", steps_per_draw, minimum=1)
     seed = check_int("seed", seed, minimum=0)
+    backend = check_backend(backend)  # before sampling: InferenceData needs ArviZ < 1
     streamed = check_store_args(store, chunk_draws, num_draws)  # (path, chunk) or None
     if chain_method not in ("vectorized", "sequential"):
         raise ValueError(f"chain_method must be 'vectorized' or 'sequential', got {chain_method!r}")
@@ -274,71 +313,8 @@ def sample(
     all_seeds = chain_seeds(seed, num_chains)
     seeds = [all_seeds[k] for k in chain_ids]
     run_chains = len(chain_ids)  # chains computed by this call
-    noise = NoiseSource(seeds, posterior.device, posterior.dtype)
-    num_steps = num_burnin + num_draws * steps_per_draw
-    schedule = _batch_schedule(len(posterior.train_batches), num_steps, seed)
-    start = posterior.anchor_vector.unsqueeze(0).expand(run_chains, -1).clone()
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    groups_of_chains = (
-        [list(range(run_chains))]
-        if chain_method == "vectorized"
-        else [[k] for k in range(run_chains)]
-    )
-    records, stats, diverged_at, causes = [], [], [], []
-    writer = None
-    if streamed is not None:
-        writer = DrawWriter(
-            streamed[0],
-            chain_ids=chain_ids,
-            num_draws=num_draws,
-            chunk_draws=streamed[1],
-            probe_coords=coords,
-            num_probe=num_probe,
-        )
-    with tqdm(
-        total=num_steps * len(groups_of_chains),
-        disable=not show,
-        desc=f"{posterior.component.name} [{kernel.name}]",
-        unit="step",
-    ) as bar:
-        for group in groups_of_chains:
-            sub_noise = noise if len(group) == run_chains else noise.subset(group[0])
-            sink = None  # streaming: where this group's chunks of draws go
-            if writer is not None:
-                sink = partial(writer.append, slice(group[0], group[-1] + 1))
-            rec, st, div, why = _run(
-                posterior,
-                kernel,
-                evaluator,
-                start[group],
-                sub_noise,
-                schedule,
-                num_burnin,
-                steps_per_draw,
-                bar,
-                sink=sink,
-                sink_every=0 if writer is None else writer.chunk_draws,
-            )
-            records.append(rec)
-            stats.append(st)
-            diverged_at.append(div)
-            causes.append(why)
-    rec = {k: np.concatenate([r[k] for r in records], axis=0) for k in records[0]}
-    st = {k: np.concatenate([s[k] for s in stats], axis=0) for k in stats[0]}
-    diverged_step = np.concatenate(diverged_at)
-    cause = np.concatenate(causes)
-    bad = np.flatnonzero(diverged_step >= 0)
-    if bad.size:
-        bad_ids = [chain_ids[i] for i in bad]
-        why = "; ".join(_DIVERGENCE_CAUSES[c] for c in cause[bad])
-        warnings.warn(
-            f"chain(s) {bad_ids} of component {posterior.component.name!r} diverged at "
-            f"step(s) {diverged_step[bad].tolist()} ({why}); their draws from then on are NaN "
-            f"and flagged in sample_stats.diverged, and the other {run_chains - bad.size} "
-            "chain(s) finished. Lower step_size or raise gamma.",
-            DivergenceWarning,
-            stacklevel=2,
-        )
+    if not isinstance(keep_state, bool):
+        raise TypeError(f"keep_state must be True or False, got {keep_state!r}")
     settings = {
         "seed": seed,
         "chain_seeds": seeds,
@@ -352,12 +328,107 @@ def sample(
     }
     if chains is not None:
         settings["chains"] = chain_ids
+    previous = None
+    if resume_from is not None:
+        if streamed is not None:
+            raise ValueError(
+                "resume_from cannot be combined with store: extend the run in memory, or "
+                "stream a new run of the total length"
+            )
+        previous = _read_previous(resume_from)
+        _check_same_run(previous, posterior, kernel, settings, chain_ids, evaluator, coords)
+        settings["num_draws"] = previous.num_draws + num_draws
+    keep_state = keep_state or previous is not None  # an extension stays extendable
+    if keep_state and streamed is not None:
+        raise ValueError("keep_state cannot be combined with store (not supported yet)")
+    noise = NoiseSource(seeds, posterior.device, posterior.dtype)
+    num_steps = num_burnin + settings["num_draws"] * steps_per_draw
+    # The schedule is prefix-stable (epochs of seeded permutations), so the total run's
+    # schedule starts with the previous run's: the extension reads on from first_step.
+    schedule = _batch_schedule(len(posterior.train_batches), num_steps, seed)
+    first_step = 0 if previous is None else previous.steps_done
+    start = posterior.anchor_vector.unsqueeze(0).expand(run_chains, -1).clone()
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    groups_of_chains = (
+        [list(range(run_chains))]
+        if chain_method == "vectorized"
+        else [[k] for k in range(run_chains)]
+    )
+    records, stats, carries = [], [], []
+    writer = None
+    if streamed is not None:
+        writer = DrawWriter(
+            streamed[0],
+            chain_ids=chain_ids,
+            num_draws=num_draws,
+            chunk_draws=streamed[1],
+            probe_coords=coords,
+            num_probe=num_probe,
+        )
+    with tqdm(
+        total=(num_steps - first_step) * len(groups_of_chains),
+        disable=not show,
+        desc=f"{posterior.component.name} [{kernel.name}]",
+        unit="step",
+    ) as bar:
+        for group in groups_of_chains:
+            sub_noise = noise if len(group) == run_chains else noise.subset(group[0])
+            sink = None  # streaming: where this group's chunks of draws go
+            if writer is not None:
+                sink = partial(writer.append, slice(group[0], group[-1] + 1))
+            rec, st, carry = _run(
+                posterior,
+                kernel,
+                evaluator,
+                start[group],
+                sub_noise,
+                schedule,
+                num_burnin,
+                steps_per_draw,
+                bar,
+                sink=sink,
+                sink_every=0 if writer is None else writer.chunk_draws,
+                resume=None if previous is None else previous.carry(group, posterior.device),
+                first_step=first_step,
+                keep_state=keep_state,
+            )
+            records.append(rec)
+            stats.append(st)
+            carries.append(carry)
+    rec = {k: np.concatenate([r[k] for r in records], axis=0) for k in records[0]}
+    st = {k: np.concatenate([s[k] for s in stats], axis=0) for k in stats[0]}
+    if previous is not None:
+        if set(st) != set(previous.stats) or set(rec) != set(previous.draws):
+            raise ValueError(
+                f"resume_from holds sample_stats {sorted(previous.stats)} and draws "
+                f"{sorted(previous.draws)}; the extension made {sorted(st)} and {sorted(rec)}"
+            )
+        # The previous draws are kept as they are: the new ones follow along the draw axis.
+        rec = {k: np.concatenate([previous.draws[k], v], axis=1) for k, v in rec.items()}
+        st = {k: np.concatenate([previous.stats[k], v], axis=1) for k, v in st.items()}
+    diverged_step = np.concatenate([c.diverged_at.cpu().numpy() for c in carries])
+    cause = np.concatenate([c.cause.cpu().numpy() for c in carries])
+    bad = np.flatnonzero(diverged_step >= 0)
+    if bad.size:
+        bad_ids = [chain_ids[i] for i in bad]
+        why = "; ".join(_DIVERGENCE_CAUSES[c] for c in cause[bad])
+        warnings.warn(
+            f"chain(s) {bad_ids} of component {posterior.component.name!r} diverged at "
+            f"step(s) {diverged_step[bad].tolist()} ({why}); their draws from then on are NaN "
+            f"and flagged in sample_stats.diverged, and the other {run_chains - bad.size} "
+            "chain(s) finished. Lower step_size or raise gamma.",
+            DivergenceWarning,
+            stacklevel=2,
+        )
     attrs = run_attrs(posterior, kernel, settings, diverged_step, chain_ids)
     if writer is not None:
         anchors = (evaluator.eval_loss_anchor, evaluator.probe_loss_anchor)
         writer.close(*(a.cpu().numpy() for a in anchors), attrs)
         return open_store(writer.path, backend)
-    return draws_to_inference_data(rec, st, evaluator, coords, attrs, backend, chain_ids)
+    state = sampler_state_dataset(carries, num_steps, chain_ids, attrs) if keep_state else None
+    return draws_to_inference_data(
+        rec, st, evaluator, coords, attrs, backend, chain_ids, sampler_state=state
+    )
 
 
 def _check_chains(chains: Sequence[int] | None, num_chains: int) -> list[int]:
@@ -375,6 +446,249 @@ def _check_chains(chains: Sequence[int] | None, num_chains: int) -> list[int]:
     return ids
 
 
+# ------------------------------------------------------------------ sampler state
+class _Carry(NamedTuple):
+    """A group of chains between two steps: everything the next step needs."""
+
+    names: tuple[str, ...]  # the kernel state's field names, in its order
+    state: tuple[torch.Tensor, ...]  # the kernel state's fields, each (chains, ...)
+    noise: list[torch.Tensor]  # each chain's generator state (CPU uint8)
+    alive: torch.Tensor  # (chains,) bool
+    diverged_at: torch.Tensor  # (chains,) int64: the step a chain diverged at, -1: never
+    cause: torch.Tensor  # (chains,) int64: an index into _DIVERGENCE_CAUSES
+
+
+def _state_names(state: Any) -> tuple[str, ...]:
+    """The kernel state's field names: a NamedTuple's own, ``field_<i>`` for a tuple."""
+    if hasattr(state, "_fields"):
+        return tuple(state._fields)
+    return tuple(f"field_{i}" for i in range(len(state)))
+
+
+def _check_storable_state(kernel: Kernel, state: Any, num_chains: int) -> None:
+    """Every field of the kernel state is a tensor led by the chain axis (what can be
+    stored per chain and sliced by chain group); raises ``ValueError`` naming the field."""
+    for name, field in zip(_state_names(state), state):
+        if not isinstance(field, torch.Tensor) or field.dim() == 0 or field.shape[0] != num_chains:
+            raise ValueError(
+                f"kernel {kernel.name!r}: state field {name!r} is not a tensor led by the "
+                f"chain axis ({num_chains} chains), so its sampler state cannot be kept or "
+                "resumed (keep_state, resume_from)"
+            )
+
+
+def _restore_state(kernel: Kernel, fresh: Any, saved: Mapping[str, torch.Tensor]) -> Any:
+    """The saved fields in a state of ``fresh``'s type (``fresh`` is ``kernel.init``'s
+    output, which fixes the type, field order, shapes and dtypes the saved ones must have)."""
+    names = _state_names(fresh)
+    if set(names) != set(saved):
+        raise ValueError(
+            f"resume_from holds a kernel state with fields {sorted(saved)}, but kernel "
+            f"{kernel.name!r} has {sorted(names)}"
+        )
+    fields = []
+    for name, new in zip(names, fresh):
+        old = saved[name]
+        if old.shape != new.shape or old.dtype != new.dtype:
+            raise ValueError(
+                f"resume_from's kernel state field {name!r} is {old.dtype} of shape "
+                f"{tuple(old.shape)}; kernel {kernel.name!r} needs {new.dtype} of shape "
+                f"{tuple(new.shape)}"
+            )
+        fields.append(old)
+    return type(fresh)(*fields) if hasattr(fresh, "_fields") else type(fresh)(fields)
+
+
+def sampler_state_dataset(
+    carries: Sequence[_Carry], steps_done: int, chain_ids: Sequence[int], attrs: dict[str, Any]
+) -> xr.Dataset:
+    """The ``sampler_state`` group: each chain's state after the run's last step.
+
+    Variables (``chain`` is the run's chain coordinate):
+
+    - ``state_<field>`` (chain, ``state_<field>_dim_0``, ...): each field of the kernel
+      state (``state_position`` (chain, dim), and e.g. ``state_momentum``,
+      ``state_thermostat``, ``state_square_avg``, MALA's cached ``state_potential``,
+      ``state_grad``, ``state_loss``), in the posterior's dtype (units of v);
+    - ``noise_state`` (chain, noise_state_byte) uint8: ``torch.Generator.get_state()``
+      of the chain's noise generator (5,056 bytes on CPU, 16 on CUDA);
+    - ``alive`` (chain) bool, ``diverged_at`` (chain) int64 (step, −1: never),
+      ``divergence_cause`` (chain) int64 (0: none);
+    - ``steps_done`` (scalar) int64: kernel steps taken, burn-in included; the next
+      step reads the batch schedule at this index.
+
+    Plain numeric arrays, so a saved file is read back without unpickling anything.
+    The run's identity is the ``bayes_susc_config`` attribute, as on every group.
+
+    Args:
+        carries: per group of chains (in chain order), the state ``_run`` returned.
+        steps_done: kernel steps the run took.
+        chain_ids: the chain coordinate.
+        attrs: run attributes (:func:`run_attrs`).
+    """
+    data_vars: dict[str, Any] = {}
+    for i, name in enumerate(carries[0].names):
+        value = np.concatenate([c.state[i].detach().cpu().numpy() for c in carries], axis=0)
+        dims = ("chain",) + tuple(f"state_{name}_dim_{j}" for j in range(value.ndim - 1))
+        data_vars[f"state_{name}"] = (dims, value)
+    noise = [s.cpu().numpy().astype(np.uint8) for c in carries for s in c.noise]
+    data_vars["noise_state"] = (("chain", "noise_state_byte"), np.stack(noise))
+    for var, field in (("alive", "alive"), ("diverged_at", "diverged_at")):
+        data_vars[var] = (
+            ("chain",),
+            np.concatenate([getattr(c, field).cpu().numpy() for c in carries]),
+        )
+    data_vars["divergence_cause"] = (
+        ("chain",),
+        np.concatenate([c.cause.cpu().numpy() for c in carries]),
+    )
+    data_vars["steps_done"] = ((), np.int64(steps_done))
+    return xr.Dataset(data_vars, coords={"chain": np.asarray(chain_ids)}, attrs=attrs)
+
+
+class _Previous(NamedTuple):
+    """What a run to be extended holds (see :func:`_read_previous`)."""
+
+    config: dict[str, Any]  # its bayes_susc_config
+    chain_ids: list[int]
+    num_draws: int
+    steps_done: int
+    draws: dict[str, np.ndarray]  # posterior variables, (chain, draw, ...)
+    stats: dict[str, np.ndarray]  # sample_stats variables, (chain, draw)
+    probe_coords: dict[str, np.ndarray]
+    eval_loss_anchor: np.ndarray
+    probe_loss_anchor: np.ndarray
+    state: xr.Dataset  # the sampler_state group
+
+    def carry(self, group: Sequence[int], device: torch.device) -> _Carry:
+        """The saved state of the chains at positions ``group`` (of this run's chains)."""
+        index = np.asarray(group)
+        saved = {}
+        for var in self.state.data_vars:
+            if str(var).startswith("state_"):
+                value = np.ascontiguousarray(self.state[var].values[index])
+                saved[str(var)[len("state_") :]] = torch.from_numpy(value).to(device)
+        noise = [
+            torch.from_numpy(np.ascontiguousarray(row, dtype=np.uint8))
+            for row in self.state["noise_state"].values[index]
+        ]
+
+        def per_chain(var: str, dtype: Any) -> torch.Tensor:
+            value = np.ascontiguousarray(self.state[var].values[index], dtype=dtype)
+            return torch.from_numpy(value).to(device)
+
+        alive = per_chain("alive", np.bool_)
+        diverged_at = per_chain("diverged_at", np.int64)
+        cause = per_chain("divergence_cause", np.int64)
+        return _Carry(tuple(saved), tuple(saved.values()), noise, alive, diverged_at, cause)
+
+
+def _read_previous(data: Any) -> _Previous:
+    """The parts of ``resume_from`` an extension needs, checked for consistency."""
+    try:
+        names = group_names(data)
+    except (AttributeError, TypeError):
+        raise TypeError(
+            "resume_from must be a result of sample(..., keep_state=True) (InferenceData or "
+            f"DataTree), got {type(data).__name__}"
+        ) from None
+    needed = ("posterior", "sample_stats", "constant_data", SAMPLER_STATE_GROUP)
+    missing = [g for g in needed if g not in names]
+    if missing:
+        raise ValueError(
+            f"resume_from lacks the group(s) {missing}: only a result of "
+            "sample(..., keep_state=True), or of an extension, can be extended"
+        )
+    post = get_group(data, "posterior")
+    stats = get_group(data, "sample_stats")
+    const = get_group(data, "constant_data")
+    state = get_group(data, SAMPLER_STATE_GROUP)
+    try:
+        config = json.loads(post.attrs["bayes_susc_config"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("resume_from's posterior group has no valid bayes_susc_config") from None
+    chain_ids = np.asarray(post["chain"].values).tolist()
+    num_draws = int(post.sizes["draw"])
+    steps_done = int(state["steps_done"].values)
+    expected = config["num_burnin"] + num_draws * config["steps_per_draw"]
+    if (
+        np.asarray(state["chain"].values).tolist() != chain_ids
+        or num_draws != config["num_draws"]
+        or steps_done != expected
+    ):
+        raise ValueError(
+            f"resume_from is inconsistent: {num_draws} draws of chains {chain_ids}, config "
+            f"num_draws {config['num_draws']}, sampler_state of chains "
+            f"{np.asarray(state['chain'].values).tolist()} after {steps_done} steps "
+            f"(expected {expected})"
+        )
+    probe_coords = {
+        str(k): np.asarray(v.values)
+        for k, v in post.coords.items()
+        if k != "probe" and v.dims == ("probe",)
+    }
+    return _Previous(
+        config=config,
+        chain_ids=chain_ids,
+        num_draws=num_draws,
+        steps_done=steps_done,
+        draws={str(k): np.asarray(v.values) for k, v in post.data_vars.items()},
+        stats={str(k): np.asarray(v.values) for k, v in stats.data_vars.items()},
+        probe_coords=probe_coords,
+        eval_loss_anchor=np.asarray(const["eval_loss_anchor"].values),
+        probe_loss_anchor=np.asarray(const["probe_loss_anchor"].values),
+        state=state,
+    )
+
+
+def _check_same_run(
+    previous: _Previous,
+    posterior: LocalPosterior,
+    kernel: Kernel,
+    settings: Mapping[str, Any],
+    chain_ids: Sequence[int],
+    evaluator: Evaluator,
+    coords: Mapping[str, np.ndarray],
+) -> None:
+    """``resume_from`` is a run of these settings: else ``ValueError`` naming what differs."""
+    none = np.full(len(chain_ids), -1)
+    # The config this call would write, through JSON as the saved one went (tuples to lists).
+    config = json.loads(
+        run_attrs(posterior, kernel, dict(settings), none, chain_ids)["bayes_susc_config"]
+    )
+    differ = [
+        f"{k} (resume_from: {previous.config.get(k)!r}, now: {config.get(k)!r})"
+        for k in sorted(set(config) | set(previous.config))
+        if k not in _NOT_IDENTITY and config.get(k) != previous.config.get(k)
+    ]
+    if list(chain_ids) != previous.chain_ids:
+        differ.append(f"chains (resume_from: {previous.chain_ids}, now: {list(chain_ids)})")
+    eval_anchor = evaluator.eval_loss_anchor.cpu().numpy()
+    if not np.array_equal(previous.eval_loss_anchor, eval_anchor):
+        differ.append(
+            f"eval_data or the model (loss at w*: resume_from {previous.eval_loss_anchor}, "
+            f"now {eval_anchor})"
+        )
+    probe_anchor = evaluator.probe_loss_anchor.cpu().numpy()
+    if not np.array_equal(previous.probe_loss_anchor, probe_anchor):
+        differ.append("probe_data or the model (probe losses at w* differ)")
+    old_obs = sorted(set(previous.draws) - {"phi", "eval_loss", "probe_loss"})
+    if old_obs != sorted(evaluator.user):
+        differ.append(f"observables (resume_from: {old_obs}, now: {sorted(evaluator.user)})")
+    same_coords = set(coords) == set(previous.probe_coords) and all(
+        np.array_equal(v, previous.probe_coords[k]) for k, v in coords.items()
+    )
+    if not same_coords:
+        differ.append(
+            f"probe_coords (resume_from: {sorted(previous.probe_coords)}, now: {sorted(coords)})"
+        )
+    if differ:
+        raise ValueError(
+            "resume_from is not a run of these settings, so it cannot be extended: "
+            + "; ".join(differ)
+        )
+
+
 def _run(
     posterior: LocalPosterior,
     kernel: Kernel,
@@ -387,13 +701,21 @@ def _run(
     bar: tqdm,
     sink: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None,
     sink_every: int = 0,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Run one group of chains; returns draws, step statistics, divergence step (-1: none)
-    and divergence cause (an index into ``_DIVERGENCE_CAUSES``) per chain.
+    resume: _Carry | None = None,
+    first_step: int = 0,
+    keep_state: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], _Carry]:
+    """Run one group of chains through steps ``first_step, ..., len(schedule) - 1``;
+    returns the draws, step statistics and the chains' state after the last step
+    (kernel state, generator states, alive, divergence step (-1: none) and divergence
+    cause, an index into ``_DIVERGENCE_CAUSES``).
 
-    With ``sink``, every ``sink_every`` kept draws (and the rest at the end) are handed
-    to ``sink(draws, stats)`` as (chains, k, ...) arrays and dropped, and the returned
-    draws and statistics are empty.
+    With ``resume`` (the state after step ``first_step - 1``), the chains continue from
+    it instead of starting at ``start``. With ``keep_state``, a kernel state that cannot
+    be stored (a field that is not a tensor led by the chain axis) fails before the
+    first step. With ``sink``, every ``sink_every`` kept draws (and the rest at the end)
+    are handed to ``sink(draws, stats)`` as (chains, k, ...) arrays and dropped, and the
+    returned draws and statistics are empty.
     """
     batches = posterior.train_batches
 
@@ -403,17 +725,26 @@ def _run(
         batch = batches[schedule[step]] if len(schedule) else batches[0]
         return lambda positions: posterior.potential_and_grad(positions, batch)
 
+    # On resume, init still runs: it gives the state's type (and field shapes) that the
+    # saved fields are checked against; the noise it may draw is undone by restoring
+    # the generators afterwards.
     state = kernel.init(start, grad_for(0), noise)
     num_chains = start.shape[0]
+    if keep_state or resume is not None:
+        _check_storable_state(kernel, state, num_chains)
     alive = torch.ones(num_chains, dtype=torch.bool, device=start.device)
     diverged_at = torch.full((num_chains,), -1, dtype=torch.long, device=start.device)
     cause = torch.zeros(num_chains, dtype=torch.long, device=start.device)
+    if resume is not None:
+        state = _restore_state(kernel, state, dict(zip(resume.names, resume.state)))
+        noise.set_state(resume.noise)
+        alive, diverged_at, cause = resume.alive, resume.diverged_at, resume.cause
     draws: dict[str, list[torch.Tensor]] = {}
     step_stats: dict[str, list[torch.Tensor]] = {}
     since_update = 0
-    for t in range(len(schedule)):
+    for t in range(first_step, len(schedule)):
         new_state, info = kernel.step(state, grad_for(t), noise)
-        if t == 0:
+        if t == first_step:
             _check_info(kernel, info)
         # Device-side bookkeeping only: no host sync per step.
         finite = torch.isfinite(info["potential"]) & _state_finite(new_state, num_chains)
@@ -464,7 +795,8 @@ def _run(
         step_stats.clear()
     to_np = {k: torch.stack(v, dim=1).cpu().numpy() for k, v in draws.items()}
     stats_np = {k: torch.stack(v, dim=1).cpu().numpy() for k, v in step_stats.items()}
-    return to_np, stats_np, diverged_at.cpu().numpy(), cause.cpu().numpy()
+    carry = _Carry(_state_names(state), tuple(state), noise.get_state(), alive, diverged_at, cause)
+    return to_np, stats_np, carry
 
 
 def _to_host(values: Mapping[str, list[torch.Tensor]]) -> dict[str, np.ndarray]:
@@ -563,6 +895,7 @@ def draws_to_inference_data(
     attrs: dict[str, Any],
     backend: Backend,
     chain_ids: Sequence[int],
+    sampler_state: xr.Dataset | None = None,
 ) -> Any:
     """The draws of one run in the layout of DESIGN.md §4, through the one public builder
     (:func:`bayes_susc.storage.draws.make_inference_data`).
@@ -574,8 +907,9 @@ def draws_to_inference_data(
         evaluator: gives the anchor losses at w* (``constant_data``).
         coords: per-probe labels from :func:`check_probe_coords`.
         attrs: run attributes (:func:`run_attrs`), on every group.
-        backend: "inferencedata" or "datatree" (or "auto").
+        backend: "inferencedata" or "datatree", or None for the installed ArviZ's own.
         chain_ids: the chain coordinate.
+        sampler_state: the group of that name (:func:`sampler_state_dataset`), if any.
     """
     num_draws = rec["phi"].shape[1]
     base = {"chain": np.asarray(chain_ids), "draw": np.arange(num_draws)}
@@ -598,6 +932,7 @@ def draws_to_inference_data(
         coords={**probe, **probe_meta},
         attrs=attrs,
     )
-    return make_inference_data(
-        {"posterior": post, "sample_stats": stats, "constant_data": const}, backend
-    )
+    groups = {"posterior": post, "sample_stats": stats, "constant_data": const}
+    if sampler_state is not None:
+        groups[SAMPLER_STATE_GROUP] = sampler_state
+    return make_inference_data(groups, backend)

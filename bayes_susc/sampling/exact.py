@@ -33,7 +33,7 @@ from bayes_susc.sampling.driver import (
     draws_to_inference_data,
     run_attrs,
 )
-from bayes_susc.storage.draws import Backend
+from bayes_susc.storage.draws import Backend, check_backend
 from bayes_susc.target.posterior import LocalPosterior, as_batch_list
 from bayes_susc.validation import check_fraction, check_int
 
@@ -103,6 +103,7 @@ def sample_nuts(
     seed = check_int("seed", seed, minimum=0)
     max_tree_depth = check_int("max_tree_depth", max_tree_depth, minimum=1)
     target_accept_prob = check_fraction("target_accept_prob", target_accept_prob, open_low=True)
+    backend = check_backend(backend)  # before sampling: InferenceData needs ArviZ < 1
     evaluator = Evaluator(
         posterior,
         as_batch_list("eval_data", eval_data),

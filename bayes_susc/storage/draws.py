@@ -3,7 +3,12 @@
 ArviZ < 1.0 keeps results in ``arviz.InferenceData``; ArviZ ≥ 1.0 (Python ≥ 3.12) in
 ``xarray.DataTree``. Both hold the same groups of ``xarray.Dataset`` objects, so the
 rest of the package only ever calls :func:`make_inference_data`, :func:`get_group`,
-:func:`group_names`, :func:`save` and :func:`load`, and never cares which it got.
+:func:`group_names`, :func:`save` and :func:`load`, and never cares which it got. The
+default container follows the installed ArviZ (:func:`default_backend`); a DataTree
+works under either generation, an InferenceData only under ArviZ < 1.
+
+A file written by :func:`save` is the same netCDF under both generations (one netCDF
+group per ArviZ group), so a run saved under ArviZ 0.x loads under 1.x and back.
 
 Files are netCDF-4 with one netCDF group per ArviZ group, written atomically: to a
 temporary file in the same folder, then renamed over the target.
@@ -23,6 +28,7 @@ import numpy as np
 import xarray as xr
 
 Backend = Literal["inferencedata", "datatree"]
+BACKENDS: tuple[Backend, ...] = ("inferencedata", "datatree")
 
 
 def _arviz():
@@ -34,20 +40,59 @@ def _arviz():
     return arviz
 
 
+def arviz_major() -> int:
+    """Major version of the installed ArviZ: 0 (``InferenceData``) or 1+ (``DataTree``)."""
+    return int(str(_arviz().__version__).split(".")[0])
+
+
 def default_backend() -> Backend:
     """``"inferencedata"`` under ArviZ < 1, ``"datatree"`` under ArviZ ≥ 1."""
-    major = int(_arviz().__version__.split(".")[0])
-    return "inferencedata" if major < 1 else "datatree"
+    return "inferencedata" if arviz_major() < 1 else "datatree"
+
+
+def available_backends() -> tuple[Backend, ...]:
+    """The backends the installed ArviZ can build: both under ArviZ < 1 (which also
+    reads a ``DataTree``), only ``"datatree"`` under ArviZ ≥ 1 (no ``InferenceData``)."""
+    return BACKENDS if arviz_major() < 1 else ("datatree",)
+
+
+def check_backend(backend: Any) -> Backend:
+    """``backend`` validated, ``None`` replaced by :func:`default_backend`.
+
+    Raises:
+        ValueError: ``backend`` is not ``"inferencedata"``, ``"datatree"`` or None, or it
+            is ``"inferencedata"`` while ArviZ ≥ 1 is installed (which has no
+            ``InferenceData``).
+    """
+    if backend is None:
+        return default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'inferencedata', 'datatree' or None, got {backend!r}")
+    if backend == "inferencedata" and arviz_major() >= 1:
+        raise ValueError(
+            f"backend='inferencedata' needs arviz<1, but ArviZ {_arviz().__version__} is "
+            "installed, which keeps results in xarray.DataTree; pass backend='datatree' (or "
+            "leave backend unset), or install arviz<1 (Python 3.11)"
+        )
+    return backend
 
 
 def make_inference_data(groups: Mapping[str, xr.Dataset], backend: Backend | None = None) -> Any:
-    """Bundle named groups (``posterior``, ``sample_stats``, ...) into the ArviZ container."""
-    backend = backend or default_backend()
+    """Bundle named groups (``posterior``, ``sample_stats``, ...) into the ArviZ container.
+
+    Args:
+        groups: group name → its ``xarray.Dataset``.
+        backend: ``"inferencedata"`` (``arviz.InferenceData``, ArviZ < 1 only),
+            ``"datatree"`` (``xarray.DataTree``, any ArviZ), or None: the installed ArviZ's
+            own container (:func:`default_backend`).
+
+    Raises:
+        ValueError: a backend the installed ArviZ cannot build (see :func:`check_backend`).
+    """
+    backend = check_backend(backend)
     if backend == "inferencedata":
         return _arviz().InferenceData(**dict(groups))
-    if backend == "datatree":
-        return xr.DataTree.from_dict(dict(groups))
-    raise ValueError(f"backend must be 'inferencedata' or 'datatree', got {backend!r}")
+    return xr.DataTree.from_dict(dict(groups))
 
 
 def group_names(data: Any) -> list[str]:
@@ -127,7 +172,13 @@ def save(data: Any, path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, backend: Backend | None = None) -> Any:
-    """Read a file written by :func:`save` fully into memory (the file is closed)."""
+    """Read a file written by :func:`save` fully into memory (the file is closed).
+
+    Args:
+        path: the netCDF file.
+        backend: the container to return, as for :func:`make_inference_data`.
+    """
+    backend = check_backend(backend)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no results file at {path}")

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from bayes_susc.storage.draws import Backend, make_inference_data
+from bayes_susc.storage.draws import Backend, check_backend, make_inference_data
 from bayes_susc.validation import check_int
 
 __all__ = [
@@ -335,7 +335,8 @@ def open_store(
 
     Args:
         path: a store written by ``sample(..., store=path)``.
-        backend: ``"inferencedata"`` or ``"datatree"``; default follows ArviZ's version.
+        backend: ``"inferencedata"`` (ArviZ < 1 only) or ``"datatree"``; default follows
+            the installed ArviZ (see :func:`bayes_susc.storage.draws.check_backend`).
         allow_incomplete: open a store whose run did not finish: only the draws every
             chain has written are kept (a prefix), ``constant_data`` may be missing, and
             each group's attrs get ``bayes_susc_complete=False`` and ``draws_written``.
@@ -349,6 +350,7 @@ def open_store(
         IncompleteStoreError: the store has no completion marker and
             ``allow_incomplete`` is False.
     """
+    backend = check_backend(backend)
     path = Path(path)
     status = store_status(path)
     complete = bool(status.get(COMPLETE_ATTR))

@@ -11,6 +11,7 @@ Supported models (the model itself, or any module that contains one):
 - :class:`bayes_susc.demo.model.AttnOnlyTransformer` (this package's demo model);
 - TransformerLens 3.x ``HookedTransformer`` (including grouped-query models, whose
   shared key/value weights are the parameters ``_W_K``, ``_W_V``, ``_b_K``, ``_b_V``);
+- TransformerLens 3.x / 4.x ``TransformerBridge`` around a Hugging Face model (below);
 - Hugging Face ``transformers`` GPT-2 (``model_type="gpt2"``: ``GPT2LMHeadModel``,
   ``GPT2Model``, ...), GPT-NeoX / Pythia (``"gpt_neox"``) and the Llama layout
   (``"llama"``, ``"mistral"``, ``"qwen2"``), heads or base models.
@@ -90,15 +91,36 @@ chains (correct, with a "performance drop" ``UserWarning``); build the model wit
 TransformerLens 4.x and ``TransformerBridge``
 --------------------------------------------
 TransformerLens 4.0 removes ``HookedTransformer`` (deprecated in 3.x) in favour of
-``TransformerBridge``, which wraps an unmodified Hugging Face model and exposes
-TransformerLens-style hooks over it. A bridge is not covered here: its
-``named_parameters()`` lists the wrapped modules under ``_original_component`` paths and,
-for fused architectures such as GPT-2, adds split q/k/v views of the same fused
-storage, so one weight appears under several names and which of them the forward pass
-reads depends on the adapter. Get components for the model the bridge wraps instead —
-``bridge.original_model`` is the Hugging Face model, holding the very same tensors —
-and sample with that model and the Hugging Face helpers above (hooks are not needed for
-sampling). The helpers raise a ``TypeError`` saying so when given a bridge.
+``TransformerBridge``, which wraps an unmodified Hugging Face model
+(``bridge.original_model``) and exposes TransformerLens-style hooks over it. Pass the
+bridge itself: its components are found through the Hugging Face model it wraps, under
+the names ``bridge.named_parameters()`` gives (the Hugging Face names with
+``._original_component`` segments), so they go straight into ``LocalPosterior(bridge,
+...)`` with a loss on ``bridge(ids)`` (the logits). What a head owns follows from what
+the bridge's forward pass reads, which is not always what the Hugging Face model reads:
+
+- Each attention layer of the bridge has linear maps ``q``, ``k``, ``v`` and ``o``
+  (``nn.Linear``, or GPT-2's ``Conv1D``). Where the Hugging Face model fuses them
+  (GPT-2's ``c_attn``, GPT-NeoX's ``query_key_value``), the bridge splits the fused
+  weight into separate ``q``/``k``/``v`` parameters when it is built, and its forward
+  pass reads those; the fused parameter stays in ``named_parameters()`` but no longer
+  reaches the loss (zero gradient), so it belongs to no component.
+- Head ``h`` owns rows ``h·e:(h+1)·e`` of the ``q``, ``k``, ``v`` weights and biases
+  (columns, for ``Conv1D``) and the matching input slice of ``o`` (columns of a
+  ``Linear``, rows of a ``Conv1D``); ``o``'s bias is shared. Grouped-query bridges
+  (``n_key_value_heads``) split ``k``/``v`` into ``L{l}KV{g}`` exactly as above.
+- ``mlps``: every parameter of the block's ``mlp``; ``embeddings``: ``bridge.embed``
+  and, where it has parameters, ``bridge.pos_embed``; ``unembedding``: ``bridge.unembed``
+  (GPT-2's tied matrix under the embedding's name).
+
+The Hugging Face model inside a bridge is modified in place (bridge components replace
+its submodules), so the helpers refuse ``bridge.original_model`` and ask for the bridge:
+the Hugging Face layout would point at the fused weights the bridged forward no longer
+reads. Tested with TransformerLens 3.9 and 4.3 on GPT-2, GPT-NeoX and Llama bridges
+built with ``transformer_lens.model_bridge.sources._bridge_builder.build_bridge_from_module``
+(what ``TransformerBridge.boot_transformers`` calls after loading), and on a GPT-2 bridge
+after ``enable_compatibility_mode()`` (the same maps with processed weights; its
+unembedding is untied from the embedding, so ``unembed`` is then its own matrix).
 """
 
 from __future__ import annotations
@@ -140,6 +162,7 @@ _HF_FAMILIES: dict[str, tuple[str, str]] = {
 SUPPORTED_MODELS = (
     "registered architectures (e.g. the demo's AttnOnlyTransformer); "
     "TransformerLens 3.x HookedTransformer; "
+    "TransformerLens 3.x/4.x TransformerBridge (around a Hugging Face model); "
     "Hugging Face transformers models with model_type "
     + ", ".join(repr(k) for k in _HF_FAMILIES)
     + " (e.g. GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM)"
@@ -206,7 +229,7 @@ class _Layer:
 
 @dataclass
 class _Root:
-    family: str  # a registered family, "transformer_lens", "gpt2", "gpt_neox" or "llama"
+    family: str  # registered, "transformer_lens", "tl_bridge", "gpt2", "gpt_neox" or "llama"
     module: nn.Module
     names: dict[int, str]  # id(parameter) -> its name in model.named_parameters()
     order: dict[str, int]  # parameter name -> position in model.named_parameters()
@@ -232,14 +255,17 @@ def _find_root(model: nn.Module) -> _Root:
         if family is not None:
             pass
         elif _is_tl(module, "TransformerBridge"):
-            raise TypeError(
-                "a TransformerLens TransformerBridge is not supported directly (its "
-                "parameters appear under several names); build components for the Hugging "
-                "Face model it wraps, `bridge.original_model`, and sample that model"
-            )
+            family = "tl_bridge"
         elif _is_tl(module, "HookedTransformer"):
             family = "transformer_lens"
         elif "PreTrainedModel" in _class_names(module):
+            if any(_is_tl(m, "GeneralizedComponent") for m in module.modules()):
+                raise TypeError(
+                    f"this {type(module).__name__} is wrapped by a TransformerLens "
+                    "TransformerBridge, which replaced its submodules (the bridged forward "
+                    "pass reads split q/k/v weights, not the fused ones of the Hugging Face "
+                    "layout); pass the bridge itself"
+                )
             model_type = getattr(getattr(module, "config", None), "model_type", None)
             if model_type not in _HF_FAMILIES:
                 raise TypeError(
@@ -293,6 +319,8 @@ def _attention_modules(root: _Root) -> list[tuple[str, nn.Module]]:
         match = _ADAPTERS[root.family].is_attention
     elif root.family == "transformer_lens":
         match = lambda m: _is_tl(m, "AbstractAttention")  # noqa: E731
+    elif root.family == "tl_bridge":
+        match = lambda m: _is_tl(m, "AttentionBridge")  # noqa: E731
     else:
         model_type = root.module.config.model_type
         cls = _HF_FAMILIES[model_type][1]
@@ -308,12 +336,19 @@ def _layers(model: nn.Module, shared_kv: SharedKV = "exclude") -> list[_Layer]:
     build = (
         _per_head_index_layout
         if _index_layout(root.family)
-        else {"gpt2": _gpt2_layout, "gpt_neox": _neox_layout, "llama": _llama_layout}[root.family]
+        else {
+            "gpt2": _gpt2_layout,
+            "gpt_neox": _neox_layout,
+            "llama": _llama_layout,
+            "tl_bridge": _bridge_layout,
+        }[root.family]
     )
     layers = []
     for count, (path, attn) in enumerate(_attention_modules(root)):
         parent_path, _, _ = path.rpartition(".")
-        last = parent_path.rpartition(".")[2]
+        # A bridge reaches a block's attention through the wrapped Hugging Face block:
+        # "blocks.3._original_component.attn" is layer 3.
+        last = parent_path.replace("._original_component", "").rpartition(".")[2]
         index = int(last) if last.isdigit() else count
         heads, kv, group = build(root, attn, path)
         if group > 1 and shared_kv == "include":
@@ -442,6 +477,68 @@ def _llama_layout(root: _Root, attn: nn.Module, path: str):
     return heads, kv, group
 
 
+def _bridge_linear(
+    attn: nn.Module, key: str, path: str
+) -> tuple[torch.Tensor, nn.Parameter | None, bool]:
+    """Weight, bias and ``Conv1D``-ness (weight stored (in, out)) of a bridge's ``q`` /
+    ``k`` / ``v`` / ``o`` map: the module its ``LinearBridge`` wraps."""
+    sub = getattr(attn, key, None)
+    inner = getattr(sub, "_original_component", sub)
+    w = _param(inner, "weight") if isinstance(inner, nn.Module) else None
+    if w is None or w.ndim != 2:
+        raise ValueError(
+            f"{path}: no {key!r} linear map with a 2-d weight; this TransformerBridge "
+            "attention does not have the q/k/v/o layout the helpers assume"
+        )
+    return w, _param(inner, "bias"), "Conv1D" in _class_names(inner)
+
+
+def _bridge_layout(root: _Root, attn: nn.Module, path: str):
+    """TransformerBridge: the split ``q``/``k``/``v`` and ``o`` maps its forward reads."""
+    cfg = getattr(attn, "config", None)
+    n, e = getattr(cfg, "n_heads", None), getattr(cfg, "d_head", None)
+    if not (isinstance(n, int) and isinstance(e, int)):
+        raise ValueError(f"{path}: the bridge config gives no n_heads / d_head")
+    maps = {k: _bridge_linear(attn, k, path) for k in "qkvo"}
+    w_q, _, conv = maps["q"]
+    d = w_q.shape[0] if conv else w_q.shape[1]
+    kv_width = maps["k"][0].shape[1 if maps["k"][2] else 0]
+    if kv_width % e:
+        raise ValueError(f"{path}: k projects to {kv_width} features, not a multiple of {e}")
+    n_kv = kv_width // e
+    group = _groups(n, n_kv, path)
+    for k, heads_here in (("q", n), ("k", n_kv), ("v", n_kv)):
+        w, b, is_conv = maps[k]
+        shape = (d, heads_here * e) if is_conv else (heads_here * e, d)
+        _check_shape(f"{path}.{k}.weight", w, shape)
+        if b is not None:
+            _check_shape(f"{path}.{k}.bias", b, (heads_here * e,))
+    w_o, _, o_conv = maps["o"]
+    _check_shape(f"{path}.o.weight", w_o, (n * e, d) if o_conv else (d, n * e))
+
+    def out_features(keys: str, i: int) -> dict[str, Selection]:
+        sl = slice(i * e, (i + 1) * e)
+        out: dict[str, Selection] = {}
+        for k in keys:
+            w, b, is_conv = maps[k]
+            out[_name(root, w)] = (slice(None), sl) if is_conv else (sl,)
+            if b is not None:
+                out[_name(root, b)] = (sl,)
+        return out
+
+    def o_slice(h: int) -> Selection:
+        sl = slice(h * e, (h + 1) * e)
+        return (sl,) if o_conv else (slice(None), sl)
+
+    o_name = _name(root, w_o)
+    heads = [{**out_features("q", h), o_name: o_slice(h)} for h in range(n)]
+    kv = [out_features("kv", g) for g in range(n_kv)]
+    if group == 1:
+        heads = [{**heads[h], **kv[h]} for h in range(n)]
+        kv = []
+    return heads, kv, group
+
+
 # ------------------------------------------------------------------------ public API
 def attention_heads(model: nn.Module, *, shared_kv: SharedKV = "exclude") -> list[Component]:
     """One component ``L{layer}H{head}`` per attention (query) head, layer by layer.
@@ -494,7 +591,7 @@ def embeddings(model: nn.Module) -> list[Component]:
     """``embed`` (token embedding) and, if the model learns one, ``pos_embed``."""
     root = _find_root(model)
     m = root.module
-    if _index_layout(root.family):
+    if _index_layout(root.family) or root.family == "tl_bridge":
         token, pos = m.embed, getattr(m, "pos_embed", None)
     else:
         token = m.get_input_embeddings()
@@ -517,7 +614,7 @@ def unembedding(model: nn.Module) -> Component:
     """
     root = _find_root(model)
     m = root.module
-    if _index_layout(root.family):
+    if _index_layout(root.family) or root.family == "tl_bridge":
         head = m.unembed
     else:
         head = m.get_output_embeddings()

@@ -45,6 +45,41 @@ class BoundFunction(torch.nn.Module):
         return self.fn(self.model, *args)
 
 
+def tied_names(model: torch.nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
+    """For each of ``names`` (as in ``model.named_parameters()``), the other names under
+    which ``model`` holds the same parameter in a *different* slot (module, attribute):
+    tied weights, such as GPT-2's token embedding and LM head.
+
+    Call ``functional_call(..., tie_weights=False)`` with a replacement under every one of
+    these names. torch's ``tie_weights=True`` finds tied names itself, but it also counts
+    names that reach one slot through two module paths (a TransformerLens
+    ``TransformerBridge`` registers each wrapped module under its own path and under the
+    Hugging Face one): it then swaps that slot twice and, restoring in the same order,
+    leaves the replacement in the model. One name per slot avoids that.
+    """
+    wanted = list(names)
+    by_tensor: dict[int, list[str]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+        tensors.setdefault(name, p)
+
+    def slot(name: str) -> tuple[int, str]:
+        prefix, _, attr = name.rpartition(".")
+        return id(model.get_submodule(prefix) if prefix else model), attr
+
+    out: dict[str, list[str]] = {}
+    for name in wanted:
+        seen = {slot(name)}
+        extra = []
+        for other in by_tensor.get(id(tensors[name]), []) if name in tensors else []:
+            if other != name and slot(other) not in seen:
+                seen.add(slot(other))
+                extra.append(other)
+        out[name] = extra
+    return out
+
+
 class _SplitMismatch(RuntimeError):
     """The loss function used the model in a way the split cannot reproduce."""
 
@@ -244,6 +279,7 @@ class LocalPosterior:
         self.anchors = {p: params[p].detach().clone() for p in self.component.param_names}
         self.anchor_vector = self.component.gather(self.anchors)
         self._bound_loss = BoundFunction(model, loss_fn)
+        self._tied = tied_names(model, self.component.param_names)
         plain = self.check_batch("train_data", self.train_batches[0])
         self._item_counts: dict[int, int] = {}  # id(batch) -> items, counted lazily
         self._vmapped_losses = vmap(self.item_losses, in_dims=(0, None))
@@ -350,8 +386,21 @@ class LocalPosterior:
         """Per-item losses at position ``v`` (``(dim,)``), flattened to ``(items,)``."""
         if self.split is not None:
             return self._split_losses(v.unsqueeze(0), batch)[0]
-        params = {"model." + k: t for k, t in self.params_from(v).items()}
-        return functional_call(self._bound_loss, params, (batch,), strict=False).reshape(-1)
+        params = self.functional_params(v)
+        return functional_call(
+            self._bound_loss, params, (batch,), strict=False, tie_weights=False
+        ).reshape(-1)
+
+    def functional_params(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The component's parameters at ``v`` for ``torch.func.functional_call`` on a
+        :class:`BoundFunction` of the model with ``tie_weights=False``: each under
+        ``"model." + name`` and under the names of its tied copies (:func:`tied_names`)."""
+        params = {}
+        for k, t in self.params_from(v).items():
+            params["model." + k] = t
+            for alias in self._tied.get(k, ()):
+                params["model." + alias] = t
+        return params
 
     def _prior(self, positions: torch.Tensor) -> torch.Tensor:
         delta = positions - self.anchor_vector

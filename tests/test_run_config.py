@@ -1,5 +1,6 @@
 """`bayes-susc run CONFIG.toml`: config validation, model/data construction, runs, resume."""
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -224,3 +225,14 @@ def test_cli_run_and_config_error(tmp_path):
     res = CliRunner().invoke(app, ["run", str(cfg), "--out", str(tmp_path / "r2")])
     assert res.exit_code == 2
     assert "unknown key 'extra'" in res.output
+
+
+def test_optional_dependency_of_the_wrong_generation_names_what_is_missing():
+    """An installed package without the names a config needs (TransformerLens 4.x has no
+    HookedTransformer) is reported like a missing extra, not as a raw ImportError."""
+    from bayes_susc.errors import MissingDependencyError
+    from bayes_susc.pipeline import config
+
+    assert config._optional("json", ("dumps",), "models")[0] is json.dumps
+    with pytest.raises(MissingDependencyError, match=r"\['HookedTransformer'\] from 'json'"):
+        config._optional("json", ("dumps", "HookedTransformer"), "models")

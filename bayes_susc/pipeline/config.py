@@ -594,6 +594,15 @@ def _optional(module: str, names: tuple[str, ...], extra: str) -> tuple[Any, ...
             f"install the extra: pip install 'bayes_susc[{extra}]' (in a checkout: "
             f"pip install -c constraints.txt -e '.[{extra}]')"
         ) from None
+    missing = [n for n in names if not hasattr(mod, n)]
+    if missing:
+        # TransformerLens 4.x dropped HookedTransformer: installed, but the wrong generation.
+        version = getattr(mod, "__version__", "unknown")
+        raise MissingDependencyError(
+            f"this config needs {missing} from {module!r}, which the installed version "
+            f"({version}) lacks; install the extra's pinned versions: pip install -c "
+            f"constraints.txt -e '.[{extra}]'"
+        )
     return tuple(getattr(mod, n) for n in names)
 
 

@@ -231,3 +231,29 @@ def test_low_acceptance_reaches_the_status(tmp_path, monkeypatch):
     with xr.open_dataset(tmp_path / "response_matrix.nc", engine="netcdf4") as m:
         assert set(m["status"].values.ravel()) == {"low_acceptance"}
         assert bool(m["low_acceptance"].all())
+
+
+def test_a_negative_trace_bounds_no_directions():
+    """Away from a minimum the loss Hessian's trace can be negative (here the loss is
+    minus a squared error, so tr(nβH_L) = −2nβ·tr(XᵀX)/n exactly): the trace is kept as
+    measured, the count of data-dominated directions is 0, and the verdict follows."""
+    from bayes_susc.checks.stability import check_prior_dominance
+    from bayes_susc.target.posterior import LocalPosterior
+
+    posterior, x = _linear_posterior(1.0)
+
+    def concave(m, batch):
+        return -((m(batch[0]) - batch[1]) ** 2).squeeze(-1)
+
+    flipped = LocalPosterior(
+        posterior.model,
+        concave,
+        posterior.train_batches,
+        posterior.component,
+        nbeta=30.0,
+        gamma=300.0,
+    )
+    got = check_prior_dominance(flipped)
+    exact = -30.0 * 2.0 * float(torch.trace(x.T @ x)) / x.shape[0]
+    assert got.data_trace == pytest.approx(exact, rel=1e-10) and exact < 0
+    assert got.data_directions_bound == 0.0 and got.prior_dominated

@@ -211,7 +211,7 @@ class PriorDominance:
         data_trace: tr(nβ H_L) at w* (1 / weight²; exact for d ≤ ``probes``, else a
             Hutchinson estimate).
         gamma: the prior's precision γ.
-        data_directions_bound: tr(nβH_L)/γ, an upper bound on the number of directions
+        data_directions_bound: max(tr(nβH_L)/γ, 0), an upper bound on the number of directions
             with nβλ_k ≥ γ (H_L ⪰ 0).
         prior_dominated: the bound is at most ``fraction`` of d.
         fraction: the threshold used.
@@ -267,7 +267,9 @@ def check_prior_dominance(
     # Rademacher probes: E[uᵀHu] = tr(H); unit vectors: the sum is the trace exactly.
     trace = float(sum(quad)) if dim <= probes else float(np.mean(quad))
     gamma = float(posterior.gamma)
-    bound = trace / gamma if gamma > 0 else math.inf
+    # Hutchinson's estimate, or a Hessian that is not PSD away from a minimum, can make
+    # the trace negative; no count of directions is below zero.
+    bound = max(trace / gamma, 0.0) if gamma > 0 else math.inf
     return PriorDominance(
         dim,
         trace,

@@ -22,6 +22,9 @@ _EXPORTS = {
     "GradientResult": "bayes_susc.kernels.base",
     "LocalPosterior": "bayes_susc.target.posterior",
     "sample": "bayes_susc.sampling.driver",
+    "sample_until": "bayes_susc.checks.until",
+    "Target": "bayes_susc.checks.until",
+    "TargetReport": "bayes_susc.checks.until",
     "estimate": "bayes_susc.estimation.susceptibility",
     "estimate_many": "bayes_susc.estimation.susceptibility",
     "susceptibility": "bayes_susc.estimation.susceptibility",
@@ -37,6 +40,8 @@ __all__ = [
     "GradientResult",
     "LocalPosterior",
     "ResolvedComponent",
+    "Target",
+    "TargetReport",
     "available_kernels",
     "build_response_matrix",
     "estimate",
@@ -46,11 +51,13 @@ __all__ = [
     "make_kernel",
     "register_kernel",
     "sample",
+    "sample_until",
     "save",
     "susceptibility",
 ]
 
 if TYPE_CHECKING:
+    from bayes_susc.checks.until import Target, TargetReport, sample_until
     from bayes_susc.errors import DivergenceWarning
     from bayes_susc.estimation.response_matrix import build_response_matrix
     from bayes_susc.estimation.susceptibility import estimate, estimate_many, susceptibility

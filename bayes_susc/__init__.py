@@ -27,6 +27,7 @@ _EXPORTS = {
     "TargetReport": "bayes_susc.checks.until",
     "estimate": "bayes_susc.estimation.susceptibility",
     "estimate_many": "bayes_susc.estimation.susceptibility",
+    "local_learning_coefficient": "bayes_susc.estimation.llc",
     "susceptibility": "bayes_susc.estimation.susceptibility",
     "build_response_matrix": "bayes_susc.estimation.response_matrix",
     "get_group": "bayes_susc.storage.draws",
@@ -48,6 +49,7 @@ __all__ = [
     "estimate_many",
     "get_group",
     "load",
+    "local_learning_coefficient",
     "make_kernel",
     "register_kernel",
     "sample",
@@ -59,6 +61,7 @@ __all__ = [
 if TYPE_CHECKING:
     from bayes_susc.checks.until import Target, TargetReport, sample_until
     from bayes_susc.errors import DivergenceWarning
+    from bayes_susc.estimation.llc import local_learning_coefficient
     from bayes_susc.estimation.response_matrix import build_response_matrix
     from bayes_susc.estimation.susceptibility import estimate, estimate_many, susceptibility
     from bayes_susc.kernels import available_kernels, make_kernel, register_kernel

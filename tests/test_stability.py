@@ -102,6 +102,15 @@ def test_stable_step_passes(tmp_path):
     with xr.open_dataset(tmp_path / "response_matrix.nc", engine="netcdf4") as m:
         assert "unstable" not in set(m["status"].values.ravel())
         assert "unstable" not in m
+        llc, low, high = (m[k].load() for k in ("llc", "llc_low", "llc_high"))
+    # Each component's restricted LLC is nβ·mean(φ) of its own draws, inside its interval.
+    from bayes_susc.storage.draws import get_group, load
+
+    for name in ("layer0", "layer1"):
+        phi = get_group(load(tmp_path / "components" / f"{name}.nc"), "posterior")["phi"]
+        value = float(llc.sel(component=name))
+        assert value == pytest.approx(30.0 * phi.values.astype(float).mean(), rel=1e-12)
+        assert float(low.sel(component=name)) < value < float(high.sel(component=name))
 
 
 @pytest.mark.parametrize("name", ["sghmc", "sgnht"])

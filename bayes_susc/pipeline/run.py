@@ -459,6 +459,7 @@ def _finish(
 
     kw = spec.estimation.matrix_kwargs()
     matrix = build_response_matrix(runs, **kw)
+    matrix = _with_llc(matrix, runs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         health = check_run_health(runs)
@@ -550,6 +551,25 @@ def write_run_report(out: Path, summary: Mapping[str, Any]) -> Path:
 
 def _failed(report: Any, check: str) -> bool:
     return check in report and report[check].status == "fail"
+
+
+def _with_llc(matrix: Any, runs: Mapping[str, Any]) -> Any:
+    """The matrix with each component's restricted LLC and its interval (over
+    ``component``), from the φ draws already taken."""
+    from bayes_susc.estimation.llc import local_learning_coefficient
+
+    names = [str(c) for c in matrix["component"].values]
+    fits = [local_learning_coefficient(runs[name]) for name in names]
+    described = {
+        "llc": "restricted local learning coefficient nbeta*(<L_E(w)> - L_E(w*)) of the "
+        "component (NaN when no chain kept finite draws)",
+        "llc_low": "lower end of its 95% t interval (MCSE of the mean of phi)",
+        "llc_high": "upper end of its 95% t interval",
+    }
+    for key, source in (("llc", "llc"), ("llc_low", "ci_low"), ("llc_high", "ci_high")):
+        matrix[key] = ("component", np.array([float(f[source]) for f in fits]))
+        matrix[key].attrs["description"] = described[key]
+    return matrix
 
 
 def _save_analyses(spec: RunSpec, out: Path, matrix: Any, health: Any) -> dict:

@@ -329,12 +329,20 @@ def _convergence_table(matrix: xr.Dataset, summary: dict) -> str:
             if accept.get("scored") and isinstance(accept.get("value"), float)
             else "–"
         )
+        llc = "–"
+        if "llc" in matrix and np.isfinite(float(matrix["llc"].sel(component=c))):
+            llc = (
+                f"{float(matrix['llc'].sel(component=c)):.3g} "
+                f"[{float(matrix['llc_low'].sel(component=c)):.3g}, "
+                f"{float(matrix['llc_high'].sel(component=c)):.3g}]"
+            )
         rows.append(
             [
                 c,
                 row.get("mean_phi", np.nan),
                 row.get("rhat_phi", np.nan),
                 row.get("ess_phi", np.nan),
+                llc,
                 div,
                 step,
                 acceptance,
@@ -350,6 +358,8 @@ def _convergence_table(matrix: xr.Dataset, summary: dict) -> str:
         "Step vs stability limit: ε·λmax (SGLD) or ε²·λmax (SGHMC, SGNHT) on the "
         "component's stiffest curvature, against the kernel's limit "
         "(bayes_susc.checks.stability); at or above it every entry is 'unstable'. "
+        "Restricted LLC: nβ·(⟨L_E(w)⟩ − L_E(w*)) from the φ draws, with a t interval on "
+        "their MCSE (bayes_susc.local_learning_coefficient). "
         "Langevin acceptance: how often MALA would accept the SGLD move (2 chains × 30 "
         "moves after 20 from w*); below its floor every entry is 'low_acceptance'."
         "</p>"
@@ -359,6 +369,7 @@ def _convergence_table(matrix: xr.Dataset, summary: dict) -> str:
         "mean φ",
         "R-hat φ",
         "ESS φ",
+        "restricted LLC [95 % CI]",
         "diverged chains",
         "step vs stability limit",
         "Langevin acceptance",

@@ -9,6 +9,7 @@ with code 2; Ctrl-C says which components were kept and how to resume (exit 130)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shlex
 import sys
 from collections.abc import Iterator
@@ -72,6 +73,14 @@ def demo(
         "runs/demo"
     ),
     quick: Annotated[bool, typer.Option(help="Tiny sizes, for a smoke test.")] = False,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="'measured': the kernel the demo-heads study names (SGNHT), sampled to "
+            "a convergence target; 'published': the papers' SGLD setting (eps 1e-3, "
+            "4 chains x 200 draws, fixed length), for comparison with them.",
+        ),
+    ] = "measured",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     threads: Annotated[
         int | None,
@@ -93,6 +102,34 @@ def demo(
             "2 workers ran the demo 1.25x faster than one process with 2 threads.",
         ),
     ] = None,
+    draws: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Kept draws per chain: the whole run (fixed length), or its first round "
+            "with --until-converged.",
+        ),
+    ] = None,
+    until_converged: Annotated[
+        bool | None,
+        typer.Option(
+            "--until-converged/--fixed-length",
+            help="Extend the chains in rounds until 99% of the response matrix's entries "
+            "pass R-hat, ESS and draw checks (or --budget is spent), or sample exactly "
+            "--draws. Default: --until-converged, unless --draws is given.",
+            show_default=False,
+        ),
+    ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Seconds of wall clock from the start within which the last round must "
+            "end (implies --until-converged). Default: 270 (the whole demo then ends "
+            "within 5 minutes on 2 cores).",
+            show_default=False,
+        ),
+    ] = None,
     restart: Annotated[bool, typer.Option(help=_RESTART_HELP)] = False,
 ) -> None:
     """Sample every attention head of the shipped byte-level demo transformer."""
@@ -108,7 +145,28 @@ def demo(
         if workers == 1 and threads is not None:
             torch.set_num_threads(threads)
         per_worker = threads or max(1, (os.cpu_count() or 1) // workers)
-        settings = DemoSettings.quick() if quick else DemoSettings()
+        if preset not in ("measured", "published"):
+            raise typer.BadParameter(
+                f"must be 'measured' or 'published', got {preset!r}", param_hint="--preset"
+            )
+        settings = DemoSettings.published() if preset == "published" else DemoSettings()
+        if quick:
+            # Tiny sizes, the preset's kernel.
+            settings = dataclasses.replace(
+                DemoSettings.quick(),
+                kernel=settings.kernel,
+                step_size=settings.step_size,
+                kernel_options=settings.kernel_options,
+            )
+        until = _until_mode(until_converged, draws, budget, default=settings.until)
+        changes: dict = {"until": until}
+        if draws is not None:
+            changes["num_draws"] = draws
+        if budget is not None:
+            changes["time_budget"] = budget
+        if until and draws is not None and draws > settings.max_draws:
+            changes["max_draws"] = draws
+        settings = dataclasses.replace(settings, **changes)
         summary = run_demo(
             out,
             settings,
@@ -137,6 +195,7 @@ def demo(
         f"entry statuses: {matrix['status_counts']}"
     )
     typer.echo(f"PCA explained variance ratio: {matrix['explained_variance_ratio']}")
+    _echo_convergence(summary)
     _echo_resumed(summary)
     typer.echo(
         f"results: {out}/response_matrix.nc, {out}/components/*.nc, figures: {out}/figures/, "
@@ -216,13 +275,55 @@ def run(
         Path | None, typer.Option(help="Run folder (default: the config's 'out' or runs/<name>).")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    draws: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Kept draws per chain: the whole run (fixed length), or its first round "
+            "with --until-converged.",
+        ),
+    ] = None,
+    until_converged: Annotated[
+        bool | None,
+        typer.Option(
+            "--until-converged/--fixed-length",
+            help="Extend the chains in rounds until 99% of the response matrix's entries "
+            "pass R-hat, ESS and draw checks (or --budget is spent), or sample exactly "
+            "--draws. Default: the config's [until] table.",
+            show_default=False,
+        ),
+    ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Seconds of wall clock from the start within which the last round must "
+            "end (implies --until-converged). Default: the config's [until.time_budget].",
+            show_default=False,
+        ),
+    ] = None,
     restart: Annotated[bool, typer.Option(help=_RESTART_HELP)] = False,
 ) -> None:
     """Sample every component of the model CONFIG describes; resumes an existing run folder."""
     with _user_errors(out or _config_out(config)):
         from bayes_susc.pipeline.config import run_from_config
 
-        summary = run_from_config(config, out=out, progress=progress, restart=restart, log=_say)
+        overrides: dict = {}
+        if draws is not None:
+            overrides["sampling"] = {"num_draws": draws}
+        until = _until_mode(until_converged, draws, budget, default=None)
+        if until is not None:
+            overrides["until"] = {"enabled": until}
+        if budget is not None:
+            overrides["until"]["time_budget"] = budget
+        summary = run_from_config(
+            config,
+            out=out,
+            progress=progress,
+            restart=restart,
+            log=_say,
+            overrides=overrides or None,
+        )
     typer.echo(
         f"{'component':12} {'mean phi':>9} {'R-hat':>6} {'ESS':>6} {'div':>4}  most expressed"
     )
@@ -237,8 +338,49 @@ def run(
         f"response matrix {m['shape'][0]} probes x {m['shape'][1]} components; entry "
         f"statuses: {m['status_counts']}"
     )
+    _echo_convergence(summary)
     _echo_resumed(summary)
     typer.echo(f"report: {summary['report']}")
+
+
+def _until_mode(
+    until_converged: bool | None, draws: int | None, budget: float | None, default: bool | None
+) -> bool | None:
+    """Whether to sample to a target: as asked; else --budget asks for it and --draws
+    alone for a fixed length; else ``default``."""
+    if until_converged is False and budget is not None:
+        raise typer.BadParameter(
+            "--budget applies to --until-converged runs, not --fixed-length ones",
+            param_hint="--budget",
+        )
+    if until_converged is not None:
+        return until_converged
+    if budget is not None:
+        return True
+    if draws is not None:
+        return False
+    return default
+
+
+def _echo_convergence(summary: dict) -> None:
+    conv = summary.get("convergence")
+    settled = summary["response_matrix"].get("settled_fraction")
+    if settled is not None:
+        typer.echo(f"settled entries (converged, no sampler failure): {100 * settled:.1f}%")
+    if not conv:
+        return
+    rounds = conv["rounds"]
+    typer.echo(
+        f"sampled to a target: {conv['reason']} after {len(rounds)} round(s); "
+        f"{100 * conv['fraction_converged']:.1f}% of entries converged (target "
+        f"{100 * conv['target']['fraction']:g}%) at {rounds[-1]['draws_per_chain_min']}-"
+        f"{rounds[-1]['draws_per_chain_max']} draws per chain"
+        + (
+            f"; about {conv['estimated_draws_per_chain']} draws per chain would be needed"
+            if not conv["reached"] and conv.get("estimated_draws_per_chain")
+            else ""
+        )
+    )
 
 
 def _config_out(config: Path) -> Path | None:

@@ -45,6 +45,7 @@ from bayes_susc.sampling.executor import (
     make_executor,
     plan_jobs,
     sample_components,
+    select_chains,
 )
 from bayes_susc.storage.draws import group_names
 
@@ -614,3 +615,45 @@ def test_run_config_process_executor_matches_local(tmp_path):
     same_jobs = sample_components(problem, p.components, chains_per_job=1, **kw)
     for name in ("hidden", "readout"):
         assert_same_run(load(tmp_path / "proc" / "components" / f"{name}.nc"), same_jobs[name])
+
+
+# ------------------------------------------------------------------ extending a run
+@pytest.mark.parametrize("per", [None, 2])
+def test_extending_through_jobs_equals_the_longer_run(per):
+    """Components sampled in two rounds through the executor (the second from the
+    first's saved state, each job extending its own chains) equal one uninterrupted
+    run of the total length, bit for bit; a component absent from resume_from starts
+    at w*."""
+    p = linear_problem()
+    kw = dict(SETTINGS, num_draws=4, keep_state=True)
+    first = sample_components(p, LINEAR_COMPONENTS, chains_per_job=per, **kw)
+    longer = single_runs(p, LINEAR_COMPONENTS, **dict(kw, num_draws=7))
+    extended = sample_components(
+        p,
+        LINEAR_COMPONENTS,
+        chains_per_job=per,
+        resume_from={"weight": first["weight"]},
+        **dict(kw, num_draws=3),
+    )
+    assert_same_run(extended["weight"], longer["weight"])
+    assert get_group(extended["bias"], "posterior").sizes["draw"] == 3
+
+
+def test_select_chains_is_the_inverse_of_concat_chains():
+    p = linear_problem()
+    kw = dict(SETTINGS, num_draws=4, keep_state=True)
+    run = single_runs(p, LINEAR_COMPONENTS[:1], **kw)["weight"]
+    parts = [select_chains(run, [2, 3]), select_chains(run, [0, 1])]
+    assert_same_run(concat_chains(parts), run)
+    alone = single_runs(p, LINEAR_COMPONENTS[:1], chains=[2, 3], **kw)["weight"]
+    for name in group_names(alone):
+        xr.testing.assert_identical(
+            get_group(parts[0], name).drop_attrs(), get_group(alone, name).drop_attrs()
+        )
+    config = [json.loads(get_group(r, "posterior").attrs["bayes_susc_config"]) for r in parts]
+    assert config[0] == json.loads(get_group(alone, "posterior").attrs["bayes_susc_config"])
+    assert config[1]["chains"] == [0, 1] and config[1]["chain_seeds"] != config[0]["chain_seeds"]
+    with pytest.raises(ValueError, match="distinct chains"):
+        select_chains(run, [0, 0])
+    with pytest.raises(ValueError, match="not sampled here"):
+        sample_components(p, LINEAR_COMPONENTS[:1], resume_from={"bias": run}, **kw)

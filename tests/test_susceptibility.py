@@ -525,13 +525,20 @@ def test_bad_data_raise():
         estimate(xr.Dataset({"phi": (("chain", "draw"), phi)}))
     with pytest.raises(TypeError, match="data must be"):
         estimate(42)
+    uneven = {
+        "a": {"phi": phi, "delta_loss": delta},
+        "b": {"phi": phi[:, :100], "delta_loss": delta[:, :100]},
+    }
     with pytest.raises(ValueError, match="same shape"):
-        estimate_many(
-            {
-                "a": {"phi": phi, "delta_loss": delta},
-                "b": {"phi": phi[:, :100], "delta_loss": delta[:, :100]},
-            }
-        )
+        estimate_many(uneven, method="stationary_bootstrap")
+    # The ESS intervals treat each run on its own: runs of different lengths (extended
+    # to a convergence target) give each component exactly its own estimate.
+    both = estimate_many(uneven)
+    for name, data in uneven.items():
+        alone = estimate(data)
+        for key in ("chi", "ci_low", "ci_high", "rhat"):
+            np.testing.assert_array_equal(both[key].sel(component=name), alone[key])
+    assert both["num_draws"].values.tolist() == [phi.size, phi[:, :100].size]
     with pytest.raises(ValueError, match="probe items"):
         estimate_many(
             {

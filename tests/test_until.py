@@ -11,7 +11,13 @@ import xarray as xr
 
 from bayes_susc import get_group, sample
 from bayes_susc.checks.ground_truth import LinearGaussianProblem, torch_local_posterior
-from bayes_susc.checks.until import Target, TargetReport, diagnose_entries, sample_until
+from bayes_susc.checks.until import (
+    Target,
+    TargetReport,
+    diagnose_entries,
+    draws_needed,
+    sample_until,
+)
 from bayes_susc.estimation import convergence, response_matrix
 from bayes_susc.estimation.susceptibility import product_series
 from bayes_susc.sampling import driver
@@ -154,8 +160,31 @@ def test_diverged_chains_are_left_out_of_the_diagnosis(problem):
     delta = ds["probe_loss"].values[1:] - ds["eval_loss"].values[1:, :, None]
     series = product_series(phi, delta)
     np.testing.assert_array_equal(diag["rhat"], convergence.rhat(series))
+    ess = np.minimum(convergence.ess_bulk(series), convergence.ess_tail(series))
+    np.testing.assert_array_equal(diag["ess"], ess)
+    # Judged in probe chunks of 3 (the series of one chunk at a time): the same numbers.
+    chunked = diagnose_entries(xr.DataTree.from_dict({"posterior": ds}), target, probe_chunk=3)
+    for key in ("rhat", "ess", "passing"):
+        np.testing.assert_array_equal(chunked[key], diag[key])
+    with pytest.raises(ValueError, match="probe_chunk"):
+        diagnose_entries(xr.DataTree.from_dict({"posterior": ds}), target, probe_chunk=0)
 
     ds["phi"][:] = np.nan  # every chain diverged: nothing passes, medians are NaN
     diag = diagnose_entries(xr.DataTree.from_dict({"posterior": ds}), target)
     assert diag["pooled_draws"] == 0 and diag["fraction_passing"] == 0.0
     assert np.isnan(diag["median_rhat"]) and np.isnan(diag["median_ess"])
+
+
+def test_draws_needed_scales_ess_and_rhat_exactly():
+    """ESS ∝ draws and R-hat − 1 ∝ 1/draws, at the target's quantiles of the entries."""
+    ess = np.linspace(10.0, 110.0, 101)  # the 0.1 quantile is 20
+    rhat = 1.0 + np.linspace(0.0, 0.1, 101)  # the 0.9 quantile is 1.09
+    diagnosis = {"ess": ess, "rhat": rhat, "pooled_draws": 400}  # 4 chains x 100
+    by_ess = Target(min_ess=100, max_rhat=2.0, min_draws=0, fraction=0.9)
+    assert draws_needed(diagnosis, 100, by_ess) == 500  # 100 * 100 / 20
+    by_rhat = Target(min_ess=1, max_rhat=1.01, min_draws=0, fraction=0.9)
+    assert draws_needed(diagnosis, 100, by_rhat) == 900  # 100 * 0.09 / 0.01
+    by_pool = Target(min_ess=1, max_rhat=2.0, min_draws=2000, fraction=0.9)
+    assert draws_needed(diagnosis, 100, by_pool) == 500  # 2000 pooled over 4 chains
+    nan = {"ess": np.full(3, np.nan), "rhat": np.full(3, np.nan), "pooled_draws": 0}
+    assert draws_needed(nan, 100, by_ess) is None

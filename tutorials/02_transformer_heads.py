@@ -24,11 +24,14 @@
 #
 # The model is the package's demo: a byte-level attention-only transformer trained on
 # Python standard-library code and `pydoc` prose, shipped with the package as a
-# checkpoint. `bayes_susc.demo.preset.run_demo` samples every head with SGLD (4 chains each),
-# evaluates φ and every probe token's loss at each draw, and builds the response matrix
-# with intervals and statuses — the same pipeline as `bayes-susc demo`. Fast mode
+# checkpoint. `bayes_susc.demo.preset.run_demo` samples every head (4 chains each) with
+# the kernel the study `python -m diagnostics.kernels_heads` measured best on these heads
+# (SGNHT; `DemoSettings.published()` keeps the papers' SGLD), extends the chains in rounds
+# until 99 % of the entries pass R-hat, ESS and draw checks (or its time budget is
+# spent), evaluates φ and every probe token's loss at each draw, and builds the response
+# matrix with intervals and statuses — the same pipeline as `bayes-susc demo`. Fast mode
 # (`BAYES_SUSC_FAST=1`, the test suite) uses `DemoSettings.quick()`: a few heads, short
-# chains, a few probe sequences. The notebook runs the full settings.
+# chains of a fixed length, a few probe sequences. The notebook runs the full settings.
 #
 # Every number the prose states is asserted below.
 

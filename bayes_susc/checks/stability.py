@@ -50,7 +50,9 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "ComponentChecks",
     "LangevinAcceptance",
+    "check_component",
     "PriorDominance",
     "check_langevin_acceptance",
     "largest_curvature",
@@ -383,3 +385,53 @@ def check_langevin_acceptance(posterior: Any, kernel: Any, *, seed: int = 0) -> 
         ACCEPTANCE_CHAINS,
         time.perf_counter() - start,
     )
+
+
+@dataclass(frozen=True)
+class ComponentChecks:
+    """One component's checks before sampling, as a job an executor can run
+    (:func:`check_component`): small and picklable.
+
+    Attributes:
+        component: the component (:class:`bayes_susc.Component`).
+        nbeta, gamma: its local posterior's nβ and γ.
+        kernel: the kernel instance that will sample it.
+        seed: seed of the checks' random probes and moves.
+        acceptance_only: only :func:`check_langevin_acceptance` (a folder that has the
+            other verdicts already).
+    """
+
+    component: Any
+    nbeta: float
+    gamma: float
+    kernel: Any
+    seed: int = 0
+    acceptance_only: bool = False
+
+
+def check_component(problem: Any, job: ComponentChecks) -> dict[str, Any]:
+    """Run one component's checks before sampling; ``problem`` is a
+    :class:`bayes_susc.sampling.executor.Problem` (model, loss, training batches).
+
+    Returns:
+        ``check_stability(...).to_dict()`` with ``"prior"`` (``check_prior_dominance``)
+        and ``"acceptance"`` (``check_langevin_acceptance``) added as dicts; only
+        ``{"acceptance": ...}`` with ``job.acceptance_only``. Runs in a worker process
+        of the run's executor as well as here: the components are checked side by side.
+    """
+    from bayes_susc.target.posterior import LocalPosterior
+
+    posterior = LocalPosterior(
+        problem.model,
+        problem.loss_fn,
+        problem.train_data,
+        job.component,
+        nbeta=job.nbeta,
+        gamma=job.gamma,
+    )
+    record: dict[str, Any] = {}
+    if not job.acceptance_only:
+        record = check_stability(posterior, job.kernel, seed=job.seed).to_dict()
+        record["prior"] = check_prior_dominance(posterior, seed=job.seed).to_dict()
+    record["acceptance"] = check_langevin_acceptance(posterior, job.kernel, seed=job.seed).to_dict()
+    return record

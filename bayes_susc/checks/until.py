@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from bayes_susc.estimation.convergence import ess_bulk, ess_tail, rhat
+from bayes_susc.estimation.convergence import summary
 from bayes_susc.estimation.response_matrix import (
     DEFAULT_MAX_RHAT,
     DEFAULT_MIN_DRAWS,
@@ -36,7 +36,7 @@ from bayes_susc.sampling import driver
 from bayes_susc.storage.draws import Backend, get_group
 from bayes_susc.validation import check_finite, check_int, check_positive
 
-__all__ = ["Target", "TargetReport", "diagnose_entries", "sample_until"]
+__all__ = ["Target", "TargetReport", "diagnose_entries", "draws_needed", "sample_until"]
 
 REASON_REACHED = "target reached"
 REASON_MAX_DRAWS = "max_draws reached"
@@ -123,11 +123,9 @@ class TargetReport:
             are) and ``seconds`` (wall clock of the round's sampling and diagnosis).
         draws_per_chain: kept draws per chain of the returned run.
         estimated_draws_per_chain: when not reached, the kept draws per chain at which
-            the median entry's ESS would reach ``min_ess``, assuming ESS grows in
-            proportion to the draws (``ceil(draws × min_ess / median_ess)``, at least
-            the draws needed for ``min_draws`` pooled). It ignores R-hat, so it is a
-            lower bound rather than a promise; ``None`` when reached, or when the median
-            ESS is NaN or 0 (e.g. all chains diverged).
+            ``fraction`` of the entries would pass, scaled from the last round
+            (:func:`draws_needed`); ``None`` when reached, or when no entry has a finite
+            ESS (e.g. all chains diverged).
     """
 
     reached: bool
@@ -151,13 +149,16 @@ class TargetReport:
         return "\n".join([*lines, end])
 
 
-def diagnose_entries(run: Any, target: Target) -> dict[str, Any]:
+def diagnose_entries(run: Any, target: Target, *, probe_chunk: int = 4096) -> dict[str, Any]:
     """Judge every probe entry of ``run`` against ``target``.
 
     Args:
         run: a result of :func:`bayes_susc.sample` (``posterior`` with ``phi``,
             ``eval_loss`` (chain, draw) and ``probe_loss`` (chain, draw, probe)).
         target: the thresholds (``fraction`` and the round settings are not used here).
+        probe_chunk: probe entries judged at a time (≥ 1): the product series, its split
+            chains and ranks exist for one chunk at once, so memory stays at about
+            ``chains · draws · probe_chunk`` floats times a small factor.
 
     Returns:
         ``rhat`` and ``ess`` (min of bulk and tail ESS), arrays of shape ``(probe,)``;
@@ -168,21 +169,26 @@ def diagnose_entries(run: Any, target: Target) -> dict[str, Any]:
         in :func:`bayes_susc.estimate`); an entry with NaN statistics (e.g. a single
         chain left, whose R-hat is NaN) does not pass.
     """
+    probe_chunk = _check_value("probe_chunk", check_int, probe_chunk, minimum=1)
     post = get_group(run, "posterior")
     phi = np.asarray(post["phi"].values, dtype=float)
-    probe = np.asarray(post["probe_loss"].transpose("chain", "draw", "probe").values, dtype=float)
-    delta = probe - np.asarray(post["eval_loss"].values, dtype=float)[..., None]
+    probe = post["probe_loss"].transpose("chain", "draw", "probe").values
+    eval_loss = np.asarray(post["eval_loss"].values, dtype=float)[..., None]
     # Diverged chains (any non-finite draw) are left out, as estimate() leaves them out
     # of χ: the entries are judged on the chains that χ is computed from.
-    keep = np.isfinite(phi).all(axis=1) & np.isfinite(delta).all(axis=(1, 2))
+    keep = np.isfinite(phi).all(axis=1) & np.isfinite(probe).all(axis=(1, 2))
+    keep &= np.isfinite(eval_loss[..., 0]).all(axis=1)
     pooled = int(keep.sum()) * phi.shape[1]
+    num_probe = probe.shape[2]
+    r, ess = np.full(num_probe, np.nan), np.full(num_probe, np.nan)
     if keep.any():
-        series = product_series(phi[keep], delta[keep])
-        r = np.asarray(rhat(series), dtype=float).reshape(-1)
-        ess = np.minimum(ess_bulk(series), ess_tail(series))
-        ess = np.asarray(ess, dtype=float).reshape(-1)
-    else:
-        r = ess = np.full(delta.shape[2], np.nan)
+        for lo in range(0, num_probe, probe_chunk):
+            block = slice(lo, min(lo + probe_chunk, num_probe))
+            delta = np.asarray(probe[:, :, block][keep], dtype=float) - eval_loss[keep]
+            stats = summary(product_series(phi[keep], delta))
+            r[block] = np.asarray(stats["rhat"], dtype=float).reshape(-1)
+            tail = np.asarray(stats["ess_tail"], dtype=float).reshape(-1)
+            ess[block] = np.minimum(np.asarray(stats["ess_bulk"], dtype=float).reshape(-1), tail)
     # NaN compares False: an entry with NaN statistics never passes.
     passing = (r <= target.max_rhat) & (ess >= target.min_ess) & (pooled >= target.min_draws)
     return {
@@ -202,12 +208,39 @@ def _nanmedian(x: np.ndarray) -> float:
     return float(np.median(x)) if x.size else math.nan
 
 
-def _estimate_draws(draws: int, median_ess: float, num_chains: int, target: Target) -> int | None:
-    """Kept draws per chain at which the median ESS reaches ``min_ess`` (ESS ∝ draws)."""
-    if not math.isfinite(median_ess) or median_ess <= 0:
+def draws_needed(diagnosis: Mapping[str, Any], draws: int, target: Target) -> int | None:
+    """Kept draws per chain at which ``target.fraction`` of the entries would pass, by
+    scaling the diagnosis of a run of ``draws`` draws per chain: ESS grows in proportion
+    to the draws and R-hat − 1 falls like 1 / draws, so the entry at the
+    (1 − fraction) quantile of ESS reaches ``min_ess`` after ``draws · min_ess / ESS``,
+    and the one at the fraction quantile of R-hat reaches ``max_rhat`` after
+    ``draws · (R-hat − 1) / (max_rhat − 1)``; at least ``min_draws`` pooled and at least
+    ``draws``. An estimate from scaling, not a promise.
+
+    Args:
+        diagnosis: :func:`diagnose_entries` of the run (``rhat``, ``ess`` per entry,
+            ``pooled_draws``).
+        draws: the run's kept draws per chain.
+        target: the thresholds and fraction.
+
+    Returns:
+        Draws per chain, or ``None`` when no entry has a finite ESS (e.g. every chain
+        diverged).
+    """
+    ess = np.asarray(diagnosis["ess"], dtype=float)
+    rhat = np.asarray(diagnosis["rhat"], dtype=float)
+    if not np.isfinite(ess).any():
         return None
-    need = math.ceil(draws * target.min_ess / median_ess)
-    return max(need, draws, math.ceil(target.min_draws / num_chains))
+    chains = max(1, int(diagnosis["pooled_draws"]) // max(draws, 1))
+    need = [draws, math.ceil(target.min_draws / chains)]
+    low = float(np.nanquantile(ess, 1 - target.fraction))
+    if low > 0:
+        need.append(math.ceil(draws * target.min_ess / low))
+    if np.isfinite(rhat).any() and target.max_rhat > 1:
+        high = float(np.nanquantile(rhat, target.fraction)) - 1
+        if high > 0:
+            need.append(math.ceil(draws * high / (target.max_rhat - 1)))
+    return max(need)
 
 
 def sample_until(
@@ -349,9 +382,7 @@ def sample_until(
                 reason = REASON_BUDGET
                 break
     reached = reason == REASON_REACHED
-    estimate = None
-    if not reached:
-        estimate = _estimate_draws(draws, rounds[-1]["median_ess"], num_chains, target)
+    estimate = None if reached else draws_needed(diag, draws, target)
     report = TargetReport(
         reached=reached,
         reason=reason,

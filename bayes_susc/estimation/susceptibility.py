@@ -952,11 +952,16 @@ def _estimate_runs(
         run.chunk = probe_chunk
     first = runs[0]
     c, d, num_probe = first.shape
+    # Bootstraps resample every run at the same draw positions and batch means cut them
+    # into the same batches; the ESS intervals treat each run on its own, so runs to a
+    # convergence target, extended to different lengths, are estimated side by side.
+    joint = method in _BOOTSTRAPS or method == "batch_means"
     for run in runs[1:]:
-        if run.shape[:2] != (c, d):
+        if joint and run.shape[:2] != (c, d):
             raise ValueError(
                 f"{run.label} has (chain, draw) = {run.shape[:2]} but {first.label} has "
-                f"{(c, d)}; joint resampling needs every run to have the same shape"
+                f"{(c, d)}; joint resampling ({method}) needs every run to have the same "
+                "shape (the ESS methods do not)"
             )
         if run.shape[2] != num_probe:
             raise ValueError(
@@ -1216,8 +1221,11 @@ def estimate_many(
     """:func:`estimate` for many components at once, resampled jointly: a response matrix.
 
     Every component and every entry uses the same resampled draw positions (the same
-    count vectors per chain), so resampled χ of different components are paired. This
-    needs every run to have the same (chain, draw) shape; a component's diverged chains
+    count vectors per chain), so resampled χ of different components are paired. The
+    bootstraps and batch means need every run to have the same (chain, draw) shape; the
+    ESS methods (``ess_t``, ``ess``) take runs of different lengths (e.g. extended to a
+    convergence target; the attrs' ``num_draws_per_chain`` is then the longest, and
+    ``num_draws`` says each component's). A component's diverged chains
     are dropped from its own estimate (its columns of the shared counts are unused).
     The data-driven block length is the median over all components' entries.
 
@@ -1236,7 +1244,8 @@ def estimate_many(
         ``num_diverged_chains`` and ``num_draws`` over ``component``.
 
     Raises:
-        ValueError: no runs, different (chain, draw) shapes or probe items, or any
+        ValueError: no runs, different (chain, draw) shapes (bootstraps and batch means)
+            or probe items, or any
             :func:`estimate` error.
     """
     method, confidence, n_resamples, seed = validate_settings(method, confidence, n_resamples, seed)
@@ -1259,7 +1268,8 @@ def estimate_many(
         groups,
         probe_chunk,
     )
-    c, d, _ = read[0].shape
+    c = read[0].shape[0]
+    d = max(r.shape[1] for r in read)
     data_vars = {
         k: (("probe", "component"), np.stack([r[k] for r in results], axis=1)) for k in _VARIABLES
     }

@@ -59,6 +59,14 @@ Schema
     seed = 0
     chain_method = "vectorized"
 
+    [until]                    # optional: sample in rounds to a convergence target
+    enabled = true             # false: exactly [sampling.num_draws] (as without the table)
+    fraction = 0.99            # share of entries passing [estimate]'s R-hat, ESS and
+                               # min_draws thresholds at which the run stops
+    round_draws = 100          # draws per chain added per round to components below it
+    max_draws = 2000           # most draws per chain of any component
+    # time_budget = 240.0      # seconds from the start; no round ends after it
+
     [estimate]
     method = "ess_t"           # see bayes_susc.estimation.susceptibility
     confidence = 0.95
@@ -128,6 +136,7 @@ from bayes_susc.pipeline.spec import (
     ExecutionSettings,
     RunSpec,
     SamplingSettings,
+    UntilConverged,
 )
 from bayes_susc.storage.draws import atomic_write, to_jsonable
 from bayes_susc.target.components import Component
@@ -160,6 +169,7 @@ _TOP = {
     "sampling": ("table", {}),
     "estimate": ("table", {}),
     "run": ("table", {}),
+    "until": ("table", _NO),
 }
 _MODEL = {
     "factory": ("str", _NO),
@@ -208,6 +218,13 @@ _SAMPLING = {
     "steps_per_draw": ("int", 1),
     "seed": ("int", 0),
     "chain_method": ("str", "vectorized"),
+}
+_UNTIL = {
+    "enabled": ("bool", True),
+    "fraction": ("float", 0.99),
+    "round_draws": ("int", 100),
+    "max_draws": ("int", 2000),
+    "time_budget": ("float", _NO),
 }
 _RUN = {
     "executor": ("str", "local"),
@@ -422,10 +439,34 @@ def _validate(cfg: Mapping) -> dict:
     _check_estimate(estimate)
     run = _check_table("[run]", top["run"], _RUN)
     _check_run(run, sampling["num_chains"])
+    if "until" in top:
+        top["until"] = _check_table("[until]", top["until"], _UNTIL)
+        _until_settings(top["until"], sampling["num_draws"])
     top.update(
         model=model, data=data, components=comps, sampling=sampling, estimate=estimate, run=run
     )
     return top
+
+
+def _until_settings(u: Mapping[str, Any], num_draws: int) -> UntilConverged | None:
+    """The ``[until]`` table as settings (``None`` when absent or disabled)."""
+    if not u.get("enabled", False):
+        return None
+    try:
+        until = UntilConverged(
+            fraction=u["fraction"],
+            round_draws=u["round_draws"],
+            max_draws=u["max_draws"],
+            time_budget=u.get("time_budget"),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[until] {exc}") from None
+    if until.max_draws < num_draws:
+        raise ConfigError(
+            f"[until.max_draws] ({until.max_draws}) must be at least [sampling.num_draws] "
+            f"({num_draws}), the first round's draws per chain"
+        )
+    return until
 
 
 def _check_run(r: dict, num_chains: int) -> None:
@@ -951,6 +992,7 @@ def spec_from_config(p: Prepared) -> RunSpec:
             steps_per_draw=s["steps_per_draw"],
             seed=s["seed"],
             chain_method=s["chain_method"],
+            until=_until_settings(cfg.get("until", {}), s["num_draws"]),
         )
         estimation = EstimationSettings(
             method=e["method"],
@@ -1053,8 +1095,8 @@ def _flat_settings(cfg: Mapping, model_description: str) -> dict:
     rows: dict[str, Any] = {"name": cfg["name"], "model": model_description}
     d = cfg["data"]
     rows["data"] = f"factory {d['factory']}" if "factory" in d else d["source"]
-    for section in ("data", "components", "sampling", "estimate"):
-        for k, v in cfg[section].items():
+    for section in ("data", "components", "sampling", "until", "estimate"):
+        for k, v in cfg.get(section, {}).items():
             if section == "data" and k in ("factory", "source"):
                 continue
             rows[f"{section}.{k}"] = v if isinstance(v, (int, float, str)) else json.dumps(v)

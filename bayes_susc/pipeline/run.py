@@ -17,6 +17,8 @@ Run folder::
     analyses/health.json   each component's trace checks and verdict
     stability.json         each component's stiffest curvature and the step's verdict
                            (bayes_susc.checks.stability), measured before sampling
+    convergence.json       runs to a target (SamplingSettings.until): the share of
+                           converged entries after each round, and how the run ended
     head_roles.nc          attention-pattern role scores (models that report them)
     summary.json           headline figures; report.html and figures/*.png
 """
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +46,7 @@ from bayes_susc.pipeline.spec import RunSpec
 from bayes_susc.storage.draws import atomic_write, to_jsonable
 
 __all__ = [
+    "SETTLED_STATUSES",
     "check_output_folder",
     "data_fingerprint",
     "run",
@@ -52,6 +56,10 @@ __all__ = [
 ]
 
 Log = Callable[[str], None]
+
+#: Entry statuses that are final answers: converged, no sampler failure (χ may still be
+#: indistinguishable from zero).
+SETTLED_STATUSES = ("ok", "ci_contains_zero", "not_significant_bh")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -212,6 +220,7 @@ def run(
             started with a different spec (the message names what changed) and
             ``restart`` is False.
     """
+    started = time.perf_counter()  # the time budget of a run to a target counts from here
     say = log or (lambda _msg: None)
     # Warnings the caller will see one way: through its log when it gave one, else as
     # Python warnings (a library caller without a log).
@@ -222,12 +231,24 @@ def run(
         record = spec_record(spec)
         finished = _check_resume(out, spec, record, restart, say)
         record["components"] = {**_recorded_components(out, finished), **record["components"]}
+        until = spec.sampling.until
+        record["until"] = None if until is None else until.record()
         atomic_write(
             out / "run_info.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2))
         )
-        stability = _check_stability(spec, out, tell)
-        runs, computed = _sample(spec, out, finished, progress, say)
-        return _finish(spec, out, runs, computed, report, stability)
+        from bayes_susc.sampling.executor import ProcessExecutor
+
+        executor = spec.execution.make_executor()
+        problem = _problem(spec)
+        # Worker processes end with the run (killed at once on an error such as Ctrl-C);
+        # a Ray cluster outlives it. One pool serves the checks and every round.
+        owned = isinstance(executor, ProcessExecutor)
+        with executor if owned else contextlib.nullcontext():
+            stability = _check_stability(spec, out, tell, executor, problem)
+            runs, computed, convergence = _sample(
+                spec, out, finished, progress, say, started, executor, problem
+            )
+        return _finish(spec, out, runs, computed, report, stability, convergence)
 
 
 def _component_path(out: Path, name: str) -> Path:
@@ -249,6 +270,7 @@ _RESULTS = (
     "head_roles.nc",
     "run_info.json",
     "stability.json",
+    "convergence.json",
 )
 
 
@@ -322,42 +344,44 @@ def _warn(message: str, category: type[Warning]) -> None:
 
 
 def _check_stability(
-    spec: RunSpec, out: Path, tell: Callable[[str, type[Warning]], None]
+    spec: RunSpec,
+    out: Path,
+    tell: Callable[[str, type[Warning]], None],
+    executor: Any,
+    problem: Any,
 ) -> dict[str, dict[str, Any]]:
     """ε against each component's stiffest curvature, measured once per component and
     kept in ``stability.json`` (a resumed run reads it back); unstable ones are told."""
     from bayes_susc.checks.stability import (
+        ComponentChecks,
         LangevinAcceptance,
         StabilityCheck,
-        check_langevin_acceptance,
-        check_prior_dominance,
-        check_stability,
+        check_component,
     )
-    from bayes_susc.target.posterior import LocalPosterior
 
     path = out / "stability.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
     kernel = spec.sampling.make_kernel()
-    seed = spec.sampling.seed
+    # A folder written before a check existed gains it on resume.
+    jobs = [
+        ComponentChecks(
+            comp,
+            spec.sampling.nbeta,
+            spec.sampling.gamma,
+            kernel,
+            seed=spec.sampling.seed,
+            acceptance_only=comp.name in known,
+        )
+        for comp in spec.components
+        if comp.name not in known or "acceptance" not in known[comp.name]
+    ]
+    if jobs:
+        # Side by side on the run's workers; each verdict is kept as soon as it comes.
+        for job, found in zip(jobs, executor.map(check_component, problem, jobs)):
+            known[job.component.name] = to_jsonable({**known.get(job.component.name, {}), **found})
+            text = json.dumps(known, indent=2)
+            atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
     for comp in spec.components:
-        # A folder written before a check existed gains it on resume.
-        if comp.name not in known or "acceptance" not in known[comp.name]:
-            posterior = LocalPosterior(
-                spec.model,
-                spec.loss_fn,
-                spec.train_data,
-                comp,
-                nbeta=spec.sampling.nbeta,
-                gamma=spec.sampling.gamma,
-            )
-            record = known.get(comp.name)
-            if record is None:
-                record = check_stability(posterior, kernel, seed=seed).to_dict()
-                record["prior"] = check_prior_dominance(posterior, seed=seed).to_dict()
-            accept = check_langevin_acceptance(posterior, kernel, seed=seed)
-            record["acceptance"] = accept.to_dict()
-            known[comp.name] = to_jsonable(record)
-            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(known, indent=2)))
         record = known[comp.name]
         if not record["stable"]:
             fields = {k: v for k, v in record.items() if k not in ("prior", "acceptance")}
@@ -389,56 +413,288 @@ def _check_stability(
 
 
 def _sample(
-    spec: RunSpec, out: Path, runs: dict[str, Any], progress: bool | None, say: Log
-) -> tuple[dict[str, Any], list[str]]:
-    from bayes_susc.storage.draws import save
-
+    spec: RunSpec,
+    out: Path,
+    runs: dict[str, Any],
+    progress: bool | None,
+    say: Log,
+    started: float,
+    executor: Any,
+    problem: Any,
+) -> tuple[dict[str, Any], list[str], dict[str, Any] | None]:
+    """Sample the components not yet finished (then, with ``spec.sampling.until``, extend
+    them in rounds); every result is saved as it comes. Returns the runs in the spec's
+    order, the names sampled or extended now, and the convergence record (or None)."""
     todo = [c for c in spec.components if c.name not in runs]
+    until = spec.sampling.until
     computed: list[str] = []
-    if todo:
+    convergence = None
+    if todo or until is not None:
+        rounds = _Rounds(spec, out, executor, problem, runs, computed, progress)
+        first = None
+        if todo:
+            t0 = time.perf_counter()
+            rounds.sample(todo, spec.sampling.num_draws, resume=False, note="")
+            s = spec.sampling
+            # A burn-in step records no observables: on the demo's heads it costs 40-50 %
+            # of a step with a draw, so it counts half in the pace of later rounds.
+            steps = s.num_burnin / 2 + s.num_draws * s.steps_per_draw
+            first = (time.perf_counter() - t0, len(todo), steps)
+        if until is not None:
+            convergence = rounds.until_converged(first, say, started)
+    return {c.name: runs[c.name] for c in spec.components}, computed, convergence
+
+
+def _problem(spec: RunSpec) -> Any:
+    from bayes_susc.sampling.executor import Problem
+
+    return Problem(
+        spec.model,
+        spec.loss_fn,
+        spec.train_data,
+        spec.eval_data,
+        spec.probe_data,
+        spec.probe_coords,
+    )
+
+
+def _draws_per_chain(data: Any) -> int:
+    from bayes_susc.storage.draws import get_group
+
+    return int(get_group(data, "posterior").sizes["draw"])
+
+
+def _extendable(data: Any) -> bool:
+    from bayes_susc.sampling.driver import SAMPLER_STATE_GROUP
+    from bayes_susc.storage.draws import group_names
+
+    return SAMPLER_STATE_GROUP in group_names(data)
+
+
+class _Rounds:
+    """Sampling rounds of one run: each samples (or extends) some components through the
+    run's executor and saves each result at once, so a killed run resumes."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        out: Path,
+        executor: Any,
+        problem: Any,
+        runs: dict[str, Any],
+        computed: list[str],
+        progress: bool | None,
+    ) -> None:
+        from bayes_susc.sampling.executor import LocalExecutor
+
+        self.spec, self.out, self.executor, self.problem = spec, out, executor, problem
+        self.runs, self.computed, self.progress = runs, computed, progress
+        self.local = isinstance(executor, LocalExecutor)
+        # Components run side by side on this many workers (a Ray cluster's size is not
+        # known here: its rounds are timed as if on one).
+        self.workers = int(getattr(executor, "workers", 1) or 1)
+
+    def sample(self, components: Sequence[Any], num_draws: int, resume: bool, note: str) -> None:
+        """Sample ``components`` for ``num_draws`` draws per chain (``resume``: extend
+        their saved runs by that many) and save each as it finishes."""
         from tqdm.auto import tqdm
 
-        from bayes_susc.sampling.executor import (
-            LocalExecutor,
-            Problem,
-            ProcessExecutor,
-            iter_components,
-        )
+        from bayes_susc.sampling.executor import iter_components
+        from bayes_susc.storage.draws import save
 
-        problem = Problem(
-            spec.model,
-            spec.loss_fn,
-            spec.train_data,
-            spec.eval_data,
-            spec.probe_data,
-            spec.probe_coords,
+        s = self.spec.sampling
+        kwargs = {**s.sample_kwargs(), "num_draws": num_draws}
+        if s.until is not None:
+            kwargs["keep_state"] = True  # every round can be extended by the next
+        results = iter_components(
+            self.problem,
+            list(components),
+            executor=self.executor,
+            chains_per_job=self.spec.execution.chains_per_job,
+            nbeta=s.nbeta,
+            gamma=s.gamma,
+            resume_from={c.name: self.runs[c.name] for c in components} if resume else None,
+            # In this process each component shows its chains' bars; elsewhere the
+            # workers' bars would only clutter their logs.
+            progress=self.progress if self.local else False,
+            **kwargs,
         )
-        executor = spec.execution.make_executor()
-        local = isinstance(executor, LocalExecutor)
-        s = spec.sampling
-        # Worker processes end with the run (killed at once on an error such as Ctrl-C);
-        # a Ray cluster outlives it.
-        owned = isinstance(executor, ProcessExecutor)
-        with executor if owned else contextlib.nullcontext():
-            results = iter_components(
-                problem,
-                todo,
-                executor=executor,
-                chains_per_job=spec.execution.chains_per_job,
-                nbeta=s.nbeta,
-                gamma=s.gamma,
-                # In this process each component shows its chains' bars; elsewhere the
-                # workers' bars would only clutter their logs.
-                progress=progress if local else False,
-                **s.sample_kwargs(),
+        hide = True if self.local else None if self.progress is None else not self.progress
+        bar = tqdm(
+            results,
+            total=len(components),
+            desc="components" + (f" {note}" if note else ""),
+            unit="comp",
+            disable=hide,
+        )
+        for name, data in bar:
+            save(data, _component_path(self.out, name))  # at once: a killed run resumes
+            self.runs[name] = data
+            if name not in self.computed:
+                self.computed.append(name)
+
+    def until_converged(
+        self, first: tuple[float, int, float] | None, say: Log, started: float
+    ) -> dict[str, Any]:
+        """Extend the components in rounds until the target is met (see
+        :class:`~bayes_susc.pipeline.spec.UntilConverged`); returns the convergence
+        record, also written to ``convergence.json`` after every round."""
+        from bayes_susc.checks.until import diagnose_entries
+
+        spec = self.spec
+        until = spec.sampling.until
+        target = until.target(spec.estimation)
+        path = self.out / "convergence.json"
+        # Rounds of an earlier, interrupted process of this run are kept in the record.
+        history = json.loads(path.read_text())["rounds"] if path.is_file() else []
+        cache: dict[tuple[str, int], dict[str, Any]] = {}
+        names = [c.name for c in spec.components]
+        # (seconds, components, steps) of the last round this process sampled: the pace.
+        pace = first
+        stuck = [n for n in names if not _extendable(self.runs[n])]
+        if stuck:
+            say(
+                f"{len(stuck)} component(s) were saved without their sampler state (a "
+                f"fixed-length run: {', '.join(stuck[:4])}{', ...' if len(stuck) > 4 else ''}"
+                "), so they cannot be extended; --restart samples them again"
             )
-            hide = True if local else None if progress is None else not progress
-            bar = tqdm(results, total=len(todo), desc="components", unit="comp", disable=hide)
-            for name, data in bar:
-                save(data, _component_path(out, name))  # at once: a killed run resumes
-                runs[name] = data
-                computed.append(name)
-    return {c.name: runs[c.name] for c in spec.components}, computed
+        while True:
+            diag = {}
+            for name in names:
+                key = (name, _draws_per_chain(self.runs[name]))
+                if key not in cache:
+                    cache[key] = diagnose_entries(self.runs[name], target)
+                diag[name] = cache[key]
+            draws = {n: _draws_per_chain(self.runs[n]) for n in names}
+            row = _round_row(diag, draws, time.perf_counter() - started)
+            if history and history[-1]["draws_per_chain"] == draws:
+                history[-1] = {**row, "round": history[-1]["round"]}  # resumed, nothing new
+            else:
+                history.append({**row, "round": len(history) + 1})
+            say(
+                f"round {history[-1]['round']}: {row['draws_per_chain_min']}-"
+                f"{row['draws_per_chain_max']} draws/chain, "
+                f"{100 * row['fraction_converged']:.1f}% of entries converged "
+                f"(target {100 * target.fraction:g}%), {row['elapsed_seconds']:.0f} s"
+            )
+            below = [
+                c for c in spec.components if diag[c.name]["fraction_passing"] < target.fraction
+            ]
+            grow = [
+                c
+                for c in below
+                if c.name not in stuck and draws[c.name] + target.round_draws <= target.max_draws
+            ]
+            step = spec.sampling.steps_per_draw * target.round_draws
+            if row["fraction_converged"] >= target.fraction:
+                reason = "target reached"
+            elif not grow:
+                reason = "max_draws reached" if below else "no component can be extended"
+            elif (
+                target.time_budget is not None
+                and pace is not None
+                and (
+                    time.perf_counter() - started + self._seconds(pace, len(grow), step)
+                    > target.time_budget
+                )
+            ):
+                reason = "time budget spent"
+            else:
+                reason = None
+            record = _convergence_record(target, history, reason, diag, draws)
+            text = json.dumps(record, indent=2)
+            atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
+            if reason is not None:
+                if reason != "target reached":
+                    say(
+                        f"stopped: {reason} at {100 * row['fraction_converged']:.1f}% of "
+                        f"entries converged (target {100 * target.fraction:g}%)"
+                        + (
+                            f"; about {record['estimated_draws_per_chain']} draws per chain "
+                            "would be needed"
+                            if record["estimated_draws_per_chain"]
+                            else ""
+                        )
+                    )
+                return record
+            t0 = time.perf_counter()
+            self.sample(
+                grow,
+                target.round_draws,
+                resume=True,
+                note=f"(round {history[-1]['round'] + 1}, "
+                f"{100 * row['fraction_converged']:.1f}% converged)",
+            )
+            pace = (time.perf_counter() - t0, len(grow), step)
+
+    def _seconds(self, pace: tuple[float, int, float], components: int, steps: int) -> float:
+        """Wall clock of a round of ``components`` x ``steps``, at ``pace``: components
+        run ``self.workers`` at a time."""
+        seconds, done, done_steps = pace
+        waves = math.ceil(components / self.workers) / math.ceil(done / self.workers)
+        return seconds * waves * steps / done_steps
+
+
+def _round_row(
+    diag: Mapping[str, Mapping[str, Any]], draws: Mapping[str, int], elapsed: float
+) -> dict[str, Any]:
+    passing = np.concatenate([np.asarray(d["passing"]).ravel() for d in diag.values()])
+    rhat = np.concatenate([np.asarray(d["rhat"]).ravel() for d in diag.values()])
+    ess = np.concatenate([np.asarray(d["ess"]).ravel() for d in diag.values()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: diverged components
+        return {
+            "draws_per_chain": dict(draws),
+            "draws_per_chain_min": min(draws.values()),
+            "draws_per_chain_max": max(draws.values()),
+            "draws_per_chain_mean": float(np.mean(list(draws.values()))),
+            "fraction_converged": float(passing.mean()) if passing.size else 0.0,
+            "fraction_by_component": {
+                n: round(float(d["fraction_passing"]), 5) for n, d in diag.items()
+            },
+            "median_rhat": float(np.nanmedian(rhat)) if np.isfinite(rhat).any() else None,
+            "median_ess": float(np.nanmedian(ess)) if np.isfinite(ess).any() else None,
+            "components_below_target": None,
+            "elapsed_seconds": round(elapsed, 2),
+        }
+
+
+def _convergence_record(
+    target: Any,
+    history: list[dict[str, Any]],
+    reason: str | None,
+    diag: Mapping[str, Mapping[str, Any]],
+    draws: Mapping[str, int],
+) -> dict[str, Any]:
+    """What ``convergence.json`` holds: the target, every round, how the run ended and,
+    when short of the target, an estimate of the draws it needs (the most any component
+    below the target needs, :func:`bayes_susc.checks.until.draws_needed`)."""
+    from bayes_susc.checks.until import draws_needed
+
+    below = {n: d for n, d in diag.items() if d["fraction_passing"] < target.fraction}
+    history[-1]["components_below_target"] = sorted(below)
+    needed = {n: draws_needed(d, draws[n], target) for n, d in below.items()}
+    needed = {n: v for n, v in needed.items() if v is not None}
+    return to_jsonable(
+        {
+            "target": {
+                "fraction": target.fraction,
+                "max_rhat": target.max_rhat,
+                "min_ess": target.min_ess,
+                "min_draws": target.min_draws,
+                "round_draws": target.round_draws,
+                "max_draws": target.max_draws,
+                "time_budget": target.time_budget,
+            },
+            "rounds": history,
+            "finished": reason is not None,
+            "reached": reason == "target reached",
+            "reason": reason,
+            "fraction_converged": history[-1]["fraction_converged"],
+            "draws_per_chain": dict(draws),
+            "estimated_draws_per_chain": max(needed.values()) if needed else None,
+        }
+    )
 
 
 # --------------------------------------------------------------------------- analyses
@@ -449,6 +705,7 @@ def _finish(
     computed: list[str],
     report: bool,
     stability: Mapping[str, Mapping[str, Any]],
+    convergence: Mapping[str, Any] | None = None,
 ) -> dict:
     from bayes_susc.checks.health import check_run_health
     from bayes_susc.estimation.response_matrix import (
@@ -521,8 +778,10 @@ def _finish(
         "response_matrix": {
             "shape": [int(n) for n in matrix["chi"].transpose("probe", "component").shape],
             "status_counts": {str(k): int(v) for k, v in zip(names, counts)},
+            "settled_fraction": float(np.isin(status, SETTLED_STATUSES).mean()),
             **analyses,
         },
+        "convergence": None if convergence is None else dict(convergence),
     }
     if roles is not None:
         summary["head_roles"] = {

@@ -21,7 +21,70 @@ __all__ = [
     "ExecutionSettings",
     "RunSpec",
     "SamplingSettings",
+    "UntilConverged",
 ]
+
+
+@dataclass(frozen=True)
+class UntilConverged:
+    """Sample in rounds until the response matrix converges, instead of a fixed length.
+
+    The first round samples every component for ``SamplingSettings.num_draws`` kept
+    draws per chain; each later round extends, from the saved sampler state, every
+    component whose share of converged entries is below ``fraction`` by
+    ``round_draws`` draws per chain (bit for bit the draws one longer run would give).
+    An entry is converged when it passes the response matrix's own R-hat, ESS and
+    pooled-draws thresholds (:class:`EstimationSettings`), so "converged" here means
+    what the statuses mean. The run stops when at least ``fraction`` of all entries
+    pass, when no component may grow past ``max_draws``, or when the next round would
+    end after ``time_budget`` seconds.
+
+    Attributes:
+        fraction: share of all (probe, component) entries that must pass, in (0, 1].
+        round_draws: kept draws per chain added to a component per round (≥ 1).
+        max_draws: most kept draws per chain of any component (≥ ``num_draws``).
+        time_budget: wall-clock seconds from the start of the run (its checks before
+            sampling included) within which the last round must end, at the pace of
+            the round before it; ``None``: no limit. The first round always runs; a
+            resumed run starts a new budget.
+    """
+
+    fraction: float = 0.99
+    round_draws: int = 100
+    max_draws: int = 2000
+    time_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        # Target checks every value (and names the field); the thresholds come later,
+        # from the estimation settings.
+        target = self.target(EstimationSettings())
+        for key in ("fraction", "round_draws", "max_draws", "time_budget"):
+            object.__setattr__(self, key, getattr(target, key))
+
+    def target(self, estimation: EstimationSettings) -> Any:
+        """The stopping rule with ``estimation``'s thresholds
+        (:class:`bayes_susc.checks.until.Target`)."""
+        from bayes_susc.checks.until import Target
+
+        return Target(
+            max_rhat=estimation.max_rhat,
+            min_ess=estimation.min_ess,
+            min_draws=estimation.min_draws,
+            fraction=self.fraction,
+            round_draws=self.round_draws,
+            max_draws=self.max_draws,
+            time_budget=self.time_budget,
+        )
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able record (``run_info.json``); not compared on resume, since the draws
+        of every round do not depend on it."""
+        return {
+            "fraction": self.fraction,
+            "round_draws": self.round_draws,
+            "max_draws": self.max_draws,
+            "time_budget": self.time_budget,
+        }
 
 
 @dataclass(frozen=True)
@@ -39,6 +102,9 @@ class SamplingSettings:
             between kept draws.
         seed: master seed of every chain's noise and minibatch order.
         chain_method: ``"vectorized"`` (one ``vmap``'d call) or ``"sequential"``.
+        until: sample in rounds to a convergence target (:class:`UntilConverged`;
+            ``num_draws`` is then the first round's length), or ``None`` for exactly
+            ``num_draws`` draws per chain.
     """
 
     kernel: str = "sgld"
@@ -51,9 +117,20 @@ class SamplingSettings:
     steps_per_draw: int = 1
     seed: int = 0
     chain_method: Literal["vectorized", "sequential"] = "vectorized"
+    until: UntilConverged | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hyperparameters", dict(self.hyperparameters))
+        if self.until is not None:
+            if not isinstance(self.until, UntilConverged):
+                raise TypeError(
+                    f"until must be an UntilConverged or None, got {type(self.until).__name__}"
+                )
+            if self.until.max_draws < self.num_draws:
+                raise ValueError(
+                    f"until.max_draws ({self.until.max_draws}) must be at least num_draws "
+                    f"({self.num_draws}), the first round's draws per chain"
+                )
         check_int("num_chains", self.num_chains, minimum=1)
         check_int("num_draws", self.num_draws, minimum=1)
         check_int("num_burnin", self.num_burnin, minimum=0)

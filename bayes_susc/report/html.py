@@ -157,6 +157,7 @@ def write_report(run_dir: str | Path, *, n_examples: int = 5) -> Path:
     heading()
     parts.append(_status_table(matrix))
     heading()
+    parts.append(_rounds_section(run_dir, plots, figure))
     parts.append(_convergence_table(matrix, summary))
     heading(
         '<p class="note">Checks of each head\'s traces (bayes_susc.checks.health); each row ends '
@@ -302,6 +303,42 @@ def _health_table(run_dir: Path) -> str:
     columns = list(next(iter(rows_by_name.values())))
     rows = [[name, *(str(row.get(c, "")) for c in columns)] for name, row in rows_by_name.items()]
     return html_table(["component", *columns], rows)
+
+
+def _rounds_section(run_dir: Path, plots: Any, figure: Any) -> str:
+    """How a run to a target went (``convergence.json``), or what a fixed length gave."""
+    path = run_dir / "convergence.json"
+    if not path.is_file():
+        return (
+            '<p class="note">Fixed-length run: no convergence target. Sample to one with '
+            "<code>--until-converged</code> (or an <code>[until]</code> table).</p>"
+        )
+    record = _read_json(path)
+    last = record["rounds"][-1]
+    target = record["target"]
+    outcome = (
+        f"<b>{html.escape(str(record['reason']))}</b>"
+        if record.get("finished")
+        else "<b>unfinished</b> (the run was interrupted; resume it)"
+    )
+    text = (
+        f"<p>Sampled to a target: {100 * target['fraction']:g} % of entries passing R-hat ≤ "
+        f"{target['max_rhat']:g}, ESS ≥ {target['min_ess']:g} and ≥ {target['min_draws']} "
+        f"pooled draws. Outcome: {outcome} after {len(record['rounds'])} round(s) and "
+        f"{last['elapsed_seconds']:.0f} s: <b>{100 * last['fraction_converged']:.1f} %</b> "
+        f"of entries converged at {last['draws_per_chain_min']}–{last['draws_per_chain_max']} "
+        "draws per chain."
+    )
+    if not record.get("reached") and record.get("estimated_draws_per_chain"):
+        text += (
+            f" Reaching the target would take about {record['estimated_draws_per_chain']} "
+            "draws per chain (scaling ESS ∝ draws and R-hat − 1 ∝ 1/draws from the last "
+            "round; an estimate, not a promise)."
+        )
+    figure_html = figure(
+        plots.convergence_rounds(record), "convergence_rounds", "converged fraction by round"
+    )
+    return text + "</p>" + figure_html
 
 
 def _convergence_table(matrix: xr.Dataset, summary: dict) -> str:

@@ -247,6 +247,35 @@ def explained_variance(pca_result: xr.Dataset, *, ax: Axes | None = None) -> Fig
     return fig
 
 
+def convergence_rounds(record: dict[str, Any], *, ax: Axes | None = None) -> Figure:
+    """Share of converged entries after each round of a run to a target, against the
+    mean kept draws per chain over components; the target as a dashed line.
+
+    Args:
+        record: a run folder's ``convergence.json`` (``rounds`` with
+            ``draws_per_chain_mean`` and ``fraction_converged``; ``target.fraction``).
+    """
+    rounds = record["rounds"]
+    x = [r["draws_per_chain_mean"] for r in rounds]
+    y = [100 * r["fraction_converged"] for r in rounds]
+    fig, ax = _axes(ax, (5.0, 3.5))
+    ax.plot(x, y, "o-", label="converged entries")
+    ax.axhline(100 * record["target"]["fraction"], ls="--", color="C3", label="target")
+    for r, xi, yi in zip(rounds, x, y):
+        ax.annotate(
+            f"{r['elapsed_seconds']:.0f} s",
+            (xi, yi),
+            textcoords="offset points",
+            xytext=(4, -12),
+            fontsize="x-small",
+        )
+    ax.set_xlabel("kept draws per chain (mean over components)")
+    ax.set_ylabel("entries passing R-hat, ESS, draws (%)")
+    ax.set_ylim(0, 102)
+    ax.legend(fontsize="small", loc="lower right")
+    return fig
+
+
 def trace(
     data: Any,
     var: str | tuple[str, int] = "phi",

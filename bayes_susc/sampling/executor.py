@@ -83,6 +83,7 @@ __all__ = [
     "plan_jobs",
     "run_job",
     "sample_components",
+    "select_chains",
 ]
 
 S = TypeVar("S")
@@ -153,12 +154,16 @@ class Job:
         posterior_kwargs: ``LocalPosterior`` keywords (``nbeta``, ``gamma``).
         sample_kwargs: ``sample()`` keywords (kernel, num_chains, num_draws, seed,
             kernel hyperparameters, ...), the same for every job of a run.
+        resume_from: the job's chains of an earlier result of the run, made with
+            ``keep_state=True``, to extend by ``num_draws`` draws (``sample``'s
+            ``resume_from``); ``None``: start the chains at w*.
     """
 
     component: Component
     chains: tuple[int, ...] | None
     posterior_kwargs: Mapping[str, Any] = field(default_factory=dict)
     sample_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    resume_from: Any = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,7 @@ def run_job(source: ProblemSource, job: Job) -> JobResult:
             probe_data=problem.probe_data,
             probe_coords=problem.probe_coords,
             chains=None if job.chains is None else list(job.chains),
+            resume_from=job.resume_from,
             **job.sample_kwargs,
         )
     return JobResult(data, [(w.category, str(w.message)) for w in caught])
@@ -202,9 +208,12 @@ def plan_jobs(
     chains_per_job: int | None,
     posterior_kwargs: Mapping[str, Any] | None = None,
     sample_kwargs: Mapping[str, Any] | None = None,
+    resume_from: Mapping[str, Any] | None = None,
 ) -> list[Job]:
     """Split each component's ``num_chains`` chains into groups of ``chains_per_job``
-    consecutive chains, one job each (``None``: one job per component, all chains)."""
+    consecutive chains, one job each (``None``: one job per component, all chains).
+    ``resume_from`` maps component names to earlier results to extend; each job gets
+    its chains of it (:func:`select_chains`)."""
     num_chains = check_int("num_chains", num_chains, minimum=1)
     per = num_chains if chains_per_job is None else chains_per_job
     per = check_int("chains_per_job", per, minimum=1)
@@ -219,8 +228,15 @@ def plan_jobs(
         if per == num_chains
         else [tuple(range(s, s + per)) for s in range(0, num_chains, per)]
     )
+    previous = dict(resume_from or {})
+
+    def part(name: str, group: tuple[int, ...] | None) -> Any:
+        if name not in previous:
+            return None
+        return previous[name] if group is None else select_chains(previous[name], group)
+
     return [
-        Job(c, g, dict(posterior_kwargs or {}), dict(sample_kwargs or {}))
+        Job(c, g, dict(posterior_kwargs or {}), dict(sample_kwargs or {}), part(c.name, g))
         for c in components
         for g in groups
     ]
@@ -582,13 +598,17 @@ def iter_components(
     chains_per_job: int | None = None,
     nbeta: float = 30.0,
     gamma: float = 300.0,
+    resume_from: Mapping[str, Any] | None = None,
     **sample_kwargs: Any,
 ) -> Iterator[tuple[str, Any]]:
     """Like :func:`sample_components`, but yields ``(name, InferenceData)`` per component
     in order, as soon as all its chain groups are done (so each can be saved at once).
 
-    All arguments are checked, and the jobs submitted, when this function is called;
-    results are collected while iterating.
+    ``resume_from`` maps component names to earlier results of the same run made with
+    ``keep_state=True``: those components are extended by ``num_draws`` draws per chain
+    from their saved state (``sample``'s ``resume_from``; the result holds the earlier
+    draws and the new ones), the others start at w*. All arguments are checked, and the
+    jobs submitted, when this function is called; results are collected while iterating.
     """
     if not isinstance(problem, Problem) and not callable(problem):
         raise TypeError(
@@ -609,7 +629,12 @@ def iter_components(
         raise ValueError(f"component names must be unique (they key the results); repeated: {dup}")
     num_chains = sample_kwargs.get("num_chains", 4)
     posterior_kwargs = {"nbeta": nbeta, "gamma": gamma}
-    jobs = plan_jobs(components, num_chains, chains_per_job, posterior_kwargs, sample_kwargs)
+    unknown = sorted(set(resume_from or {}) - set(names))
+    if unknown:
+        raise ValueError(f"resume_from names components that are not sampled here: {unknown}")
+    jobs = plan_jobs(
+        components, num_chains, chains_per_job, posterior_kwargs, sample_kwargs, resume_from
+    )
     runner = make_executor(executor)
     # The driver builds the problem once to check everything before any job starts.
     built = _materialize(problem)
@@ -690,6 +715,45 @@ def sample_components(
 _PER_CHAIN = ("chains", "chain_seeds", "diverged_chains", "diverged_at_step")
 # Top-level attrs that may differ between parts (recomputed or taken from the last part).
 _VARYING_ATTRS = ("created_at", "bayes_susc_config", "num_diverged_chains")
+
+
+def select_chains(data: Any, chains: Sequence[int]) -> Any:
+    """The part of a ``sample()`` result that holds only ``chains`` (chain indices of
+    the run): the inverse of :func:`concat_chains`. Groups with a ``chain`` dimension
+    are subset; the attrs are those ``sample(..., chains=chains)`` writes, so the part
+    can be extended with ``resume_from`` by a job that computes these chains.
+
+    Raises:
+        ValueError: a chain the result does not hold, or a repeated one.
+    """
+    post = get_group(data, "posterior")
+    held = np.asarray(post["chain"].values).tolist()
+    chains = [int(k) for k in chains]
+    if len(set(chains)) != len(chains) or not set(chains) <= set(held):
+        raise ValueError(f"chains must be distinct chains of the result {held}, got {chains}")
+    config = json.loads(post.attrs["bayes_susc_config"])
+    where = [held.index(k) for k in chains]
+    steps = [config["diverged_at_step"][i] for i in where]
+    config["chain_seeds"] = [config["chain_seeds"][i] for i in where]
+    config["diverged_at_step"] = steps
+    config["diverged_chains"] = [k for k, s in zip(chains, steps) if s >= 0]
+    if chains == list(range(config["num_chains"])):
+        config.pop("chains", None)
+    else:
+        config["chains"] = chains
+    attrs = dict(post.attrs)
+    attrs["bayes_susc_config"] = json.dumps(config)
+    attrs["num_diverged_chains"] = len(config["diverged_chains"])
+    groups = {}
+    for name in group_names(data):
+        ds = get_group(data, name)
+        if "chain" in ds.dims:
+            ds = ds.sel(chain=chains)
+        ds = ds.copy()
+        ds.attrs = dict(attrs) if ds.attrs else {}
+        groups[name] = ds
+    backend = "datatree" if isinstance(data, xr.DataTree) else "inferencedata"
+    return make_inference_data(groups, backend)
 
 
 def concat_chains(parts: Sequence[Any]) -> Any:

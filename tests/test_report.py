@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 
@@ -34,8 +35,15 @@ def test_report_sections_and_embedded_pngs(run_dir):
     positions = [text.index(f"<h2>{h}</h2>") for h in SECTIONS]
     assert positions == sorted(positions)  # every section, in order
     images = _IMG.findall(text)
-    # heat map, PCA scores, loadings, scree, clusters, traces
-    assert len(images) == 6
+    # heat map, PCA scores, loadings, pattern heat map, clusters, scree, traces
+    assert len(images) == 7
+    # The pattern section lists every pattern with its token count (rules tested in
+    # tests/test_patterns.py); the quick demo's 252 tokens have no comment or digit.
+    assert (run_dir / "analyses" / "patterns.nc").is_file()
+    assert (
+        "induction_continuation"
+        in json.loads((run_dir / "summary.json").read_text())["patterns"]["num_tokens"]
+    )
     for data in images:
         png = base64.b64decode(data, validate=True)
         assert png.startswith(PNG_MAGIC) and len(png) > 1000
@@ -117,6 +125,6 @@ def test_report_opens_in_headless_chromium(run_dir, tmp_path):
     seen = open_in_browser(run_dir / "report.html", screenshot=shot)
     assert seen["errors"] == []
     assert seen["title"] == "bayes_susc report"
-    assert len(seen["images"]) == 6
+    assert len(seen["images"]) == 7
     assert all(width > 100 for _, width in seen["images"]), seen["images"]
     assert shot.read_bytes().startswith(PNG_MAGIC)

@@ -309,7 +309,10 @@ def demo_spec(
         ),
         estimation=EstimationSettings(seed=s.seed),
         execution=execution,
-        analyses=AnalysisSettings(head_roles=functools.partial(demo_head_roles, s=s)),
+        analyses=AnalysisSettings(
+            head_roles=functools.partial(demo_head_roles, s=s),
+            probe_windows=tuple(tuple(decode([int(t)]) for t in row) for row in probe_tokens),
+        ),
         description=asdict(s),
         settings_rows=asdict(s),
     )

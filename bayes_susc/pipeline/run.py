@@ -758,6 +758,7 @@ def _finish(
         )
     save_response_matrix(matrix, out / "response_matrix.nc")
     analyses = _save_analyses(spec, out, matrix, health)
+    patterns = _token_patterns(spec, out, matrix, runs)
     roles = _head_roles(spec, out)
     status = matrix["status"].values.ravel()
     names, counts = np.unique(status, return_counts=True)
@@ -782,6 +783,7 @@ def _finish(
             **analyses,
         },
         "convergence": None if convergence is None else dict(convergence),
+        "patterns": patterns,
     }
     if roles is not None:
         summary["head_roles"] = {
@@ -876,6 +878,61 @@ def _save_analyses(spec: RunSpec, out: Path, matrix: Any, health: Any) -> dict:
             round(float(v), 4) for v in res["explained_variance_ratio"].values
         ],
     }
+
+
+def _token_patterns(
+    spec: RunSpec, out: Path, matrix: Any, runs: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The probe tokens' patterns (when the spec gives the probe windows): each
+    pattern's χ over components with statuses (``analyses/patterns.nc``) and its
+    over-representation in each k-means cluster (``analyses/pattern_enrichment.json``);
+    returns the summary's part (patterns, token counts, enriched (cluster, pattern)
+    pairs)."""
+    import xarray as xr
+
+    from bayes_susc.estimation.patterns import (
+        pattern_enrichment,
+        pattern_matrix,
+        patterns_from_coords,
+    )
+
+    windows = spec.analyses.probe_windows
+    if windows is None:
+        return None
+    masks = patterns_from_coords(matrix, windows)
+    kw = spec.estimation.matrix_kwargs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the token matrix has told its warnings already
+        table = pattern_matrix(runs, masks, component_flags=matrix, **kw)
+    folder = out / "analyses"
+    _write_netcdf(folder / "patterns.nc", table)
+    result: dict[str, Any] = {
+        "num_tokens": {
+            str(p): int(n) for p, n in zip(table["pattern"].values, table["num_tokens"].values)
+        },
+        "status_counts": {
+            str(k): int(v) for k, v in zip(*np.unique(table["status"].values, return_counts=True))
+        },
+        "enriched": [],
+    }
+    clusters_path = folder / "clusters.nc"
+    if clusters_path.is_file():
+        with xr.open_dataset(clusters_path, engine="netcdf4") as f:
+            labels = f["cluster"].load()
+        # Labels over every probe of the matrix, in its order (-1: left out of the PCA).
+        enrichment = pattern_enrichment(labels.values, masks, fdr=kw["fdr"])
+        rows = to_jsonable(enrichment.to_dict(orient="records"))
+        atomic_write(
+            folder / "pattern_enrichment.json",
+            lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)),
+        )
+        top = enrichment[enrichment["enriched"]].sort_values("q_value")
+        result["enriched"] = to_jsonable(
+            top[["cluster", "pattern", "count", "expected", "fold_enrichment", "q_value"]]
+            .head(12)
+            .to_dict(orient="records")
+        )
+    return result
 
 
 def _write_netcdf(path: Path, ds: Any) -> None:

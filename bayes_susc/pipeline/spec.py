@@ -316,14 +316,27 @@ class AnalysisSettings:
         head_roles: ``model -> xarray.Dataset`` of attention-pattern role scores over
             ``component`` (:mod:`bayes_susc.checks.head_roles`), or ``None`` where the
             model's roles are not known.
+        probe_windows: the token strings of every probe window, position 0 included,
+            indexed by the probe coordinate ``sequence`` (the probes also need
+            ``position`` and ``dataset``, ``'code'``/``'prose'``): the run then assigns
+            the probe tokens to patterns and saves the patterns' χ and their enrichment
+            in the clusters (:mod:`bayes_susc.estimation.patterns`); ``None``: no
+            patterns.
     """
 
     n_pca_components: int = 3
     n_clusters: int = 4
     n_examples: int = 5
     head_roles: Callable[[Any], Any] | None = None
+    probe_windows: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.probe_windows is not None:
+            object.__setattr__(
+                self,
+                "probe_windows",
+                tuple(tuple(str(t) for t in window) for window in self.probe_windows),
+            )
         check_int("n_pca_components", self.n_pca_components, minimum=1)
         check_int("n_clusters", self.n_clusters, minimum=1)
         check_int("n_examples", self.n_examples, minimum=1)

@@ -49,6 +49,7 @@ SECTIONS = (
     "Response matrix",
     "Principal components",
     "Head roles",
+    "Token patterns",
     "Clusters",
     "Explained variance",
     "Status counts",
@@ -146,6 +147,8 @@ def write_report(run_dir: str | Path, *, n_examples: int = 5) -> Path:
     parts.append(figure(plots.pca_loadings(res), "pca_loadings", "PCA loadings"))
     heading()
     parts.append(_roles_section(roles, res))
+    heading()
+    parts.append(_patterns_section(run_dir, plots, figure))
     heading(
         f'<p class="note">k-means (k = {k}) on the probes\' PCA scores; the '
         f"{n_examples} probes nearest each centroid, token marked ⟦…⟧.</p>"
@@ -303,6 +306,65 @@ def _health_table(run_dir: Path) -> str:
     columns = list(next(iter(rows_by_name.values())))
     rows = [[name, *(str(row.get(c, "")) for c in columns)] for name, row in rows_by_name.items()]
     return html_table(["component", *columns], rows)
+
+
+def _patterns_section(run_dir: Path, plots: Any, figure: Any) -> str:
+    """Each token pattern's χ per component (``analyses/patterns.nc``) and the patterns
+    over-represented in each cluster (``analyses/pattern_enrichment.json``)."""
+    path = run_dir / "analyses" / "patterns.nc"
+    if not path.is_file():
+        return (
+            '<p class="note">No token patterns: the run was not given its probe windows '
+            "(<code>AnalysisSettings.probe_windows</code>).</p>"
+        )
+    with xr.open_dataset(path, engine="netcdf4") as f:
+        table = f.load()
+    names = [str(p) for p in table["pattern"].values]
+    counts = [int(n) for n in table["num_tokens"].values]
+    shown = table.drop_vars([c for c in table.coords if c != "component"]).rename(pattern="probe")
+    shown = shown.assign_coords(probe=[f"{p} ({n})" for p, n in zip(names, counts)])
+    note = (
+        '<p class="note">χ of each token pattern (rows; token count in brackets) per head: '
+        "the mean of its tokens' χ, with its own interval and status (× = not ok); "
+        "blue = the head helps these tokens more than average. Rules: "
+        "bayes_susc.estimation.patterns.</p>"
+    )
+    html_parts = [
+        note,
+        figure(
+            plots.heatmap(shown, title="pattern χ   (× = status not ok)"),
+            "pattern_heatmap",
+            "heat map of pattern chi",
+        ),
+    ]
+    enrichment_path = run_dir / "analyses" / "pattern_enrichment.json"
+    if enrichment_path.is_file():
+        rows = [r for r in json.loads(enrichment_path.read_text()) if r.get("enriched")]
+        if rows:
+            rows.sort(key=lambda r: (r["cluster"], r["q_value"]))
+            html_parts.append(
+                '<p class="note">Patterns over-represented in a k-means cluster of probe '
+                "tokens (one-sided hypergeometric test, Benjamini–Hochberg q ≤ "
+                "the run's FDR).</p>"
+                + html_table(
+                    ["cluster", "pattern", "tokens in cluster", "expected", "fold", "q"],
+                    [
+                        [
+                            r["cluster"],
+                            r["pattern"],
+                            r["count"],
+                            r["expected"],
+                            r["fold_enrichment"],
+                            r["q_value"],
+                        ]
+                        for r in rows
+                    ],
+                    left=2,
+                )
+            )
+        else:
+            html_parts.append("<p>No pattern is over-represented in any cluster.</p>")
+    return "".join(html_parts)
 
 
 def _rounds_section(run_dir: Path, plots: Any, figure: Any) -> str:

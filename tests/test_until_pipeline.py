@@ -245,3 +245,33 @@ def test_bad_cli_options_exit_2_before_sampling(tmp_path, args, message):
     assert not (tmp_path / "o" / "components").exists() or not any(
         (tmp_path / "o" / "components").iterdir()
     )
+
+
+def test_a_config_with_an_until_table_samples_in_rounds(tmp_path):
+    """`bayes-susc run` with [until]: rounds through the same pipeline; the command line's
+    --fixed-length turns them off; a bad [until] key is named before sampling."""
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'name = "t"\n[model]\nkind = "hf"\nmodel_type = "gpt2"\n'
+        "[model.config]\nn_layer = 1\nn_head = 2\nn_embd = 8\nvocab_size = 256\n"
+        "n_positions = 16\nbos_token_id = 0\neos_token_id = 0\n"
+        '[data]\nsource = "stdlib_mixed"\nseq_len = 8\nn_train = 4\nbatch_size = 4\n'
+        "n_eval = 2\nn_probe = 1\n[sampling]\nnum_draws = 4\nnum_burnin = 0\nnum_chains = 2\n"
+        "[estimate]\nmin_draws = 0\nmin_ess = 1000.0\n"
+        "[until]\nfraction = 0.5\nround_draws = 2\nmax_draws = 8\n"
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "u")])
+    assert result.exit_code == 0, result.output
+    conv = _read(tmp_path / "u")
+    # ESS >= 1000 cannot pass with 2 x 8 draws: rounds of 2 draws up to the cap.
+    assert conv["reason"] == "max_draws reached"
+    assert [r["draws_per_chain_max"] for r in conv["rounds"]] == [4, 6, 8]
+    assert "sampled to a target: max_draws reached after 3 round(s)" in result.output
+    fixed = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "f"), "--fixed-length"])
+    assert fixed.exit_code == 0, fixed.output
+    assert not (tmp_path / "f" / "convergence.json").exists()
+    config.write_text(config.read_text().replace("fraction = 0.5", "fractoin = 0.5"))
+    bad = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2
+    assert "unknown key 'fractoin' in [until]" in bad.output

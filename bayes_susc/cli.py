@@ -125,8 +125,8 @@ def demo(
         typer.Option(
             min=0.001,
             help="Seconds of wall clock from the start within which the last round must "
-            "end (implies --until-converged). Default: 270 (the whole demo then ends "
-            "within 5 minutes on 2 cores).",
+            "end (implies --until-converged). Default: 480 (on 2 cores the demo "
+            "reaches its target after about 6 minutes 15 seconds).",
             show_default=False,
         ),
     ] = None,

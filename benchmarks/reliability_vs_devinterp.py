@@ -8,8 +8,8 @@ TransformerLens model, data, nβ, γ, chains) for ``--draws`` kept draws per cha
 - the peer: ``devinterp.slt.susceptibilities.susceptibilities`` with its SGLD at
   ε = 1e-3 (its only sampler for this call), which also needs its unrestricted "full"
   run; its per-token draws are read back from its zarr stores after the timing;
-- ours: ``bayes_susc.sample`` with the kernel the demo-heads study names
-  (``python -m diagnostics.kernels_heads``: SGNHT, ε = 0.04, diffusion 20), vectorized
+- ours: ``bayes_susc.sample`` with the demo's kernel, the setting the demo-heads study
+  names (``python -m diagnostics.kernels_heads``; ``DemoSettings()``), vectorized
   chains, no unrestricted run (the pooled estimator does not need one); and the same
   SGLD as the peer, to separate the kernel's share from the implementation's.
 
@@ -48,11 +48,19 @@ from bayes_susc.checks.until import Target, diagnose_entries, draws_needed
 from bayes_susc.demo.model import next_token_loss
 from benchmarks.vs_devinterp import FULL, BenchConfig, make_problem, peer_draws, run_peer
 
-#: Our kernels: the one the demo-heads study names, and the peer's SGLD.
-OUR_KERNELS = {
-    "sgnht": ("sgnht", {"step_size": 0.04, "diffusion": 20.0}),
-    "sgld": ("sgld", {"step_size": 1e-3}),
-}
+
+def _our_kernels() -> dict[str, tuple[str, dict[str, float]]]:
+    """Our kernels: the demo's (the setting the demo-heads study names), and the peer's
+    SGLD."""
+    from bayes_susc.demo.preset import DemoSettings
+
+    demo = DemoSettings()
+    return {
+        demo.kernel: (demo.kernel, {"step_size": demo.step_size, **dict(demo.kernel_options)}),
+        "sgld": ("sgld", {"step_size": 1e-3}),
+    }
+
+
 MAX_LEVEL = 0.95
 
 
@@ -146,7 +154,7 @@ def run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
     step = 25 if cfg.num_draws >= 100 else 5
     prefixes = list(range(step, cfg.num_draws + 1, step))
     sides: dict[str, dict[str, Any]] = {}
-    for name, (kernel, options) in OUR_KERNELS.items():
+    for name, (kernel, options) in _our_kernels().items():
         res = _ours(problem, cfg, kernel, options)
         sides[f"bayes_susc {name}"] = {
             "seconds": res["seconds"],

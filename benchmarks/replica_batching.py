@@ -38,8 +38,8 @@ def time_per_replica_step(
     sample(
         posterior,
         "sgnht",
-        step_size=0.04,
-        diffusion=20.0,
+        step_size=0.03,
+        diffusion=30.0,
         eval_data=spec.eval_data,
         probe_data=spec.probe_data,
         num_chains=replicas,

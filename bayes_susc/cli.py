@@ -14,7 +14,7 @@ import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -24,6 +24,50 @@ _RESTART_HELP = (
     "Discard the folder's results and sample again, instead of refusing a folder "
     "that was started with other settings, weights, data or components."
 )
+
+
+def _until_option(default: str) -> Any:
+    """The ``--until-converged/--fixed-length`` option; ``default`` says what applies
+    without it."""
+    return Annotated[
+        bool | None,
+        typer.Option(
+            "--until-converged/--fixed-length",
+            help="Extend the chains in rounds until 99% of the response matrix's entries "
+            "pass R-hat, ESS and draw checks (or --budget is spent), or sample exactly "
+            f"--draws. Default: {default}",
+            show_default=False,
+        ),
+    ]
+
+
+def _budget_option(default: str) -> Any:
+    """The ``--budget`` option; ``default`` says what applies without it."""
+    return Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Seconds of wall clock from the start within which the last round must "
+            f"end (implies --until-converged). Default: {default}",
+            show_default=False,
+        ),
+    ]
+
+
+_Draws = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Kept draws per chain: the whole run (fixed length), or its first round "
+        "with --until-converged.",
+    ),
+]
+_UntilDemo = _until_option("--until-converged, unless --draws is given.")
+_UntilRun = _until_option("the config's [until] table.")
+_BudgetDemo = _budget_option(
+    "480 (on 2 cores the demo reaches its target after about 6 minutes 15 seconds)."
+)
+_BudgetRun = _budget_option("the config's [until.time_budget].")
 
 
 @app.callback()
@@ -102,34 +146,9 @@ def demo(
             "2 workers ran the demo 1.25x faster than one process with 2 threads.",
         ),
     ] = None,
-    draws: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Kept draws per chain: the whole run (fixed length), or its first round "
-            "with --until-converged.",
-        ),
-    ] = None,
-    until_converged: Annotated[
-        bool | None,
-        typer.Option(
-            "--until-converged/--fixed-length",
-            help="Extend the chains in rounds until 99% of the response matrix's entries "
-            "pass R-hat, ESS and draw checks (or --budget is spent), or sample exactly "
-            "--draws. Default: --until-converged, unless --draws is given.",
-            show_default=False,
-        ),
-    ] = None,
-    budget: Annotated[
-        float | None,
-        typer.Option(
-            min=0.001,
-            help="Seconds of wall clock from the start within which the last round must "
-            "end (implies --until-converged). Default: 480 (on 2 cores the demo "
-            "reaches its target after about 6 minutes 15 seconds).",
-            show_default=False,
-        ),
-    ] = None,
+    draws: _Draws = None,
+    until_converged: _UntilDemo = None,
+    budget: _BudgetDemo = None,
     restart: Annotated[bool, typer.Option(help=_RESTART_HELP)] = False,
 ) -> None:
     """Sample every attention head of the shipped byte-level demo transformer."""
@@ -275,33 +294,9 @@ def run(
         Path | None, typer.Option(help="Run folder (default: the config's 'out' or runs/<name>).")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-    draws: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Kept draws per chain: the whole run (fixed length), or its first round "
-            "with --until-converged.",
-        ),
-    ] = None,
-    until_converged: Annotated[
-        bool | None,
-        typer.Option(
-            "--until-converged/--fixed-length",
-            help="Extend the chains in rounds until 99% of the response matrix's entries "
-            "pass R-hat, ESS and draw checks (or --budget is spent), or sample exactly "
-            "--draws. Default: the config's [until] table.",
-            show_default=False,
-        ),
-    ] = None,
-    budget: Annotated[
-        float | None,
-        typer.Option(
-            min=0.001,
-            help="Seconds of wall clock from the start within which the last round must "
-            "end (implies --until-converged). Default: the config's [until.time_budget].",
-            show_default=False,
-        ),
-    ] = None,
+    draws: _Draws = None,
+    until_converged: _UntilRun = None,
+    budget: _BudgetRun = None,
     restart: Annotated[bool, typer.Option(help=_RESTART_HELP)] = False,
 ) -> None:
     """Sample every component of the model CONFIG describes; resumes an existing run folder."""

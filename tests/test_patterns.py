@@ -10,6 +10,7 @@ import pytest
 import xarray as xr
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
+from synthetic import ar1
 
 from bayes_susc.estimation.patterns import (
     PATTERNS,
@@ -150,15 +151,6 @@ def test_patterns_from_coords_matches_assign_patterns():
 
 
 # ------------------------------------------------------------------------ pattern χ
-
-
-def ar1(rng: np.random.Generator, shape: tuple[int, ...], rho: float) -> np.ndarray:
-    e = rng.standard_normal(shape)
-    x = np.empty(shape)
-    x[:, 0] = e[:, 0]
-    for t in range(1, shape[1]):
-        x[:, t] = rho * x[:, t - 1] + math.sqrt(1 - rho**2) * e[:, t]
-    return x
 
 
 def synthetic_runs(seed: int = 0, components: int = 3, probes: int = 12) -> dict:

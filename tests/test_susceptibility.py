@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from scipy import special, stats
+from synthetic import ar1
 
 from bayes_susc import DivergenceWarning, sample
 from bayes_susc.checks import ground_truth
@@ -49,16 +50,6 @@ def problem() -> LinearGaussianProblem:
 def simulate_sgld(pr, step_size, num_chains, num_draws, steps_per_draw, rng):
     """Exact thinned full-batch SGLD draws: φ (chain, draw), ΔL (chain, draw, probe)."""
     return ground_truth.simulate_sgld(pr, step_size, (num_chains,), num_draws, steps_per_draw, rng)
-
-
-def ar1(rng: np.random.Generator, shape: tuple[int, ...], rho: float) -> np.ndarray:
-    """Stationary unit-variance AR(1) along axis 1 of ``shape`` (chain, draw, ...)."""
-    e = rng.standard_normal(shape)
-    x = np.empty(shape)
-    x[:, 0] = e[:, 0]
-    for t in range(1, shape[1]):
-        x[:, t] = rho * x[:, t - 1] + math.sqrt(1 - rho**2) * e[:, t]
-    return x
 
 
 def random_draws(seed: int = 0, chains: int = 4, draws: int = 200, probes: int = 12):

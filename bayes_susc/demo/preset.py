@@ -57,7 +57,8 @@ class DemoSettings:
     (name, value) pairs) samples each head. The default, SGNHT at ε = 0.03 with
     diffusion 30, is the setting the study ``python -m diagnostics.kernels_heads`` names
     on the demo's heads: 1.7x SGLD's effective draws of χ per CPU second, with less bias
-    of ⟨φ⟩ and Var φ than SGLD at ε = 1e-3. :meth:`published` keeps the papers' SGLD.
+    of ⟨φ⟩ than SGLD at ε = 1e-3 and the same bias of Var φ. :meth:`published` keeps the
+    papers' SGLD.
 
     With ``until`` (the default) the run samples ``num_draws`` draws per chain, then
     extends the heads in rounds of ``round_draws`` until ``fraction`` of the response

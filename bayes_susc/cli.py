@@ -64,9 +64,7 @@ _Draws = Annotated[
 ]
 _UntilDemo = _until_option("--until-converged, unless --draws is given.")
 _UntilRun = _until_option("the config's [until] table.")
-_BudgetDemo = _budget_option(
-    "480 (on 2 cores the demo reaches its target after about 6 minutes 15 seconds)."
-)
+_BudgetDemo = _budget_option("480 (on 2 cores the demo reaches its target after 5 to 6 minutes).")
 _BudgetRun = _budget_option("the config's [until.time_budget].")
 
 
